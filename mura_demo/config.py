@@ -1,0 +1,97 @@
+"""One configuration object shared by training, export and serving.
+
+It is stored as ``config.json`` beside ``model.safetensors`` so that everything needed to
+rebuild and interpret the model travels with its weights (as timm's pretrained configs do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+BODY_PARTS: tuple[str, ...] = ("elbow", "finger", "forearm", "hand", "humerus", "shoulder", "wrist")
+OTHER = "other"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Architecture, preprocessing and calibration of one body-part-aware MURA model."""
+
+    architecture: str = "tf_efficientnet_lite0"
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    body_parts: tuple[str, ...] = BODY_PARTS
+    cam_layer: str = "backbone.bn2"
+    drop_rate: float = 0.2
+    thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
+    validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
+    version: str = "untrained"
+    trained: bool = False
+    model_card_url: str = ""
+    metrics: dict = dataclasses.field(default_factory=dict)
+    training: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def body_part_classes(self) -> tuple[str, ...]:
+        """Classes of the body-part head: the upper-extremity parts plus 'other'."""
+        return (*self.body_parts, OTHER)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's output: body-part logits, then one abnormality logit per part."""
+        return len(self.body_part_classes) + len(self.body_parts)
+
+    def abnormality_index(self, body_part: str) -> int:
+        """Column of the model output holding ``body_part``'s abnormality logit."""
+        return len(self.body_part_classes) + self.body_parts.index(body_part)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config.json has unknown keys: {', '.join(unknown)}")
+        data = dict(data)
+        for key in ("mean", "std", "body_parts"):
+            if key in data:
+                data[key] = tuple(data[key])
+        cfg = cls(**data)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Reject configs whose per-part tables do not match the part list."""
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("config.json: mean and std need three values")
+        for name in ("thresholds", "validated"):
+            table = getattr(self, name)
+            if set(table) != set(self.body_parts):
+                raise ValueError(f"config.json: '{name}' must name exactly the parts {list(self.body_parts)}")
+        for part, t in self.thresholds.items():
+            if not 0.0 < float(t) < 1.0:
+                raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,138 @@
+"""Training and evaluation data: MURA's official layout and the UNIFESP body-region set.
+
+Every sample carries a body-part target (a distribution over the body-part classes, so an
+image labelled with two parts counts half for each) and, for MURA images, an abnormality
+label. Splits are deterministic hashes of the patient (MURA) or image (UNIFESP), so a patient
+never straddles the training split and its holdout.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import BODY_PARTS, OTHER
+from .preprocess import letterbox
+
+# UNIFESP region names that are MURA body parts; "Others" is mixed (it may hold arm views),
+# so images labelled only "Others" are left out rather than taught as "not upper extremity".
+UNIFESP_PARTS = {"Elbow": "elbow", "Finger": "finger", "Forearm": "forearm", "Hand": "hand",
+                 "Shoulder": "shoulder", "Wrist": "wrist"}  # fmt: skip
+UNIFESP_AMBIGUOUS = "Others"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One radiograph with what is known about it."""
+
+    path: Path
+    body_parts: tuple[str, ...]  # its body-part class(es): MURA parts or "other"
+    abnormal: int | None  # 1/0 for MURA images, None where unknown
+    study: str  # study folder (MURA) or the image itself (UNIFESP)
+    patient: str
+    source: str  # "mura" or "unifesp"
+
+
+def bucket(key: str) -> int:
+    """A stable bucket in 0..99 for ``key``: the same on every machine and run."""
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+
+
+def mura_samples(root: str | Path, split: str) -> list[Sample]:
+    """Images of MURA's ``split`` ("train" or "valid"), labelled per study, from the official CSVs.
+
+    ``root`` is the folder that holds ``MURA-v1.1/``; the CSV paths are relative to it.
+    Whatever subset of body parts is present is read.
+    """
+    root = Path(root)
+    labels = {}
+    with open(root / "MURA-v1.1" / f"{split}_labeled_studies.csv", newline="") as fh:
+        for study, label in csv.reader(fh):
+            labels[study.rstrip("/")] = int(label)
+    samples = []
+    with open(root / "MURA-v1.1" / f"{split}_image_paths.csv", newline="") as fh:
+        for (rel,) in csv.reader(fh):
+            study = rel.rsplit("/", 1)[0]
+            part_folder, patient = study.split("/")[2:4]
+            part = part_folder.removeprefix("XR_").lower()
+            if part not in BODY_PARTS:
+                raise ValueError(f"{rel}: unknown MURA body part {part_folder}")
+            samples.append(Sample(root / rel, (part,), labels[study], study, patient, "mura"))
+    return samples
+
+
+def unifesp_samples(folder: str | Path) -> list[Sample]:
+    """UNIFESP radiographs with their body-part classes ("other" when no upper-extremity label)."""
+    folder = Path(folder)
+    samples = []
+    with open(folder / "labels.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            regions = [r.strip() for r in row["classes"].split(";") if r.strip()]
+            parts = tuple(sorted({UNIFESP_PARTS[r] for r in regions if r in UNIFESP_PARTS}))
+            if not parts:
+                if regions == [UNIFESP_AMBIGUOUS]:
+                    continue
+                parts = (OTHER,)
+            key = row["image"]
+            samples.append(Sample(folder / key, parts, None, key, key, "unifesp"))
+    return samples
+
+
+HOLDOUT_BUCKETS = range(0, 15)  # 15% of patients: model selection and thresholds
+TEST_BUCKETS = range(85, 100)  # 15% of UNIFESP images: final test (MURA has its own `valid`)
+
+
+def split_by_patient(samples: list[Sample]) -> dict[str, list[Sample]]:
+    """Split into train / holdout / test by patient: a patient never straddles two splits.
+
+    MURA images go to train or holdout (MURA ``valid`` is the test set); UNIFESP images, which
+    have no official split, also give a test share.
+    """
+    splits: dict[str, list[Sample]] = {"train": [], "holdout": [], "test": []}
+    for s in samples:
+        b = bucket(f"{s.source}:{s.patient}")
+        if b in HOLDOUT_BUCKETS:
+            splits["holdout"].append(s)
+        elif b in TEST_BUCKETS and s.source == "unifesp":
+            splits["test"].append(s)
+        else:
+            splits["train"].append(s)
+    return splits
+
+
+def load_splits(data_root: str | Path) -> dict[str, list[Sample]]:
+    """Train, holdout and test samples under ``data_root`` (the folder holding MURA-v1.1/).
+
+    ``test`` holds MURA ``valid`` and the UNIFESP test share: touch it only for final figures.
+    """
+    data_root = Path(data_root)
+    unifesp_dir = data_root / "unifesp-bodypart"
+    extra = unifesp_samples(unifesp_dir) if unifesp_dir.exists() else []
+    splits = split_by_patient(mura_samples(data_root, "train") + extra)
+    splits["test"] = mura_samples(data_root, "valid") + splits["test"]
+    return splits
+
+
+def load_images(samples: list[Sample], size: int) -> torch.Tensor:
+    """Decode and letterbox every sample once: a uint8 (N, 1, size, size) tensor kept in memory."""
+    out = torch.empty((len(samples), 1, size, size), dtype=torch.uint8)
+    for i, s in enumerate(samples):
+        with Image.open(s.path) as img:
+            square, _ = letterbox(img.convert("L"), size)
+        out[i, 0] = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())
+    return out
+
+
+def body_part_targets(samples: list[Sample], classes: tuple[str, ...]) -> torch.Tensor:
+    """(N, len(classes)) target distributions: an image with k labels puts 1/k on each."""
+    t = torch.zeros((len(samples), len(classes)))
+    for i, s in enumerate(samples):
+        for part in s.body_parts:
+            t[i, classes.index(part)] = 1.0 / len(s.body_parts)
+    return t

@@ -1,0 +1,100 @@
+"""Explanations of the abnormality logit with pytorch-grad-cam.
+
+Gradient-based CAMs (Grad-CAM, Grad-CAM++, HiResCAM, XGradCAM, LayerCAM) and the saliency map
+all need the same forward and backward pass. :class:`SharedPassCAM` runs that pass once through
+the library's own machinery (its hooks, registered and released in one place) and then applies
+each method's weighting from the library's class, so the maps equal what each class computes on
+its own (a test checks this) at a fraction of the cost. Methods that need passes of their own
+(EigenCAM) run through their library class directly.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+SHARED_PASS_METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+}
+SEPARATE_PASS_METHODS: dict[str, type[BaseCAM]] = {"eigencam": EigenCAM}
+ColumnChooser = Callable[[torch.Tensor], "int | None"]
+DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency")
+METHODS = (*DEFAULT_METHODS, *[m for m in SHARED_PASS_METHODS if m not in DEFAULT_METHODS], *SEPARATE_PASS_METHODS)
+
+
+class SharedPassCAM(BaseCAM):
+    """One forward/backward pass whose activations, gradients and input gradient feed many maps."""
+
+    def __init__(self, model: torch.nn.Module, target_layer: torch.nn.Module):
+        super().__init__(model, [target_layer])
+
+    def run(self, input_tensor: torch.Tensor, choose_column: ColumnChooser) -> tuple[torch.Tensor, int | None]:
+        """Forward, pick the output column to explain from the logits, and backward from it.
+
+        Returns the logits and the column (None: nothing to explain, no backward pass).
+        """
+        self.input = input_tensor.detach().clone().requires_grad_(True)
+        self.outputs = self.activations_and_grads(self.input)
+        logits = self.outputs.detach()
+        column = choose_column(logits)
+        if column is not None:
+            self.targets = [ClassifierOutputTarget(column)]
+            self.model.zero_grad()
+            self.targets[0](self.outputs[0]).backward()
+        return logits, column
+
+    def cam(self, method: str) -> np.ndarray:
+        """The ``method`` map (H, W) in [0, 1], computed the way its library class does."""
+        cls = SHARED_PASS_METHODS[method]
+        # Borrow the method's own weighting: BaseCAM.get_cam_image calls self.get_cam_weights.
+        self.get_cam_weights = types.MethodType(cls.get_cam_weights, self)
+        self.get_cam_image = types.MethodType(cls.get_cam_image, self)
+        per_layer = self.compute_cam_per_layer(self.input, self.targets, False)
+        return self.aggregate_multi_layers(per_layer)[0]
+
+    def saliency(self) -> np.ndarray:
+        """Vanilla gradient saliency (Simonyan et al.): |d logit / d pixel|, max over channels."""
+        grad = self.input.grad.detach().abs().amax(dim=1)[0].numpy()
+        top = np.percentile(grad, 99.5)
+        return np.clip(grad / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(grad, dtype=np.float32)
+
+
+def explain(
+    model: torch.nn.Module,
+    target_layer: torch.nn.Module,
+    input_tensor: torch.Tensor,
+    choose_column: ColumnChooser,
+    methods=DEFAULT_METHODS,
+) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Logits and the requested maps of the column ``choose_column`` picks from the logits.
+
+    Hooks are released before returning; no maps when the chooser returns None.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown explanation method(s) {unknown}; choose from {list(METHODS)}")
+    maps: dict[str, np.ndarray] = {}
+    with torch.enable_grad(), SharedPassCAM(model, target_layer) as shared:
+        logits, column = shared.run(input_tensor, choose_column)
+        if column is None:
+            return logits, maps
+        for method in methods:
+            if method == "saliency":
+                maps[method] = shared.saliency()
+            elif method in SHARED_PASS_METHODS:
+                maps[method] = shared.cam(method)
+    for method in methods:
+        if method in SEPARATE_PASS_METHODS:
+            with torch.enable_grad(), SEPARATE_PASS_METHODS[method](model, [target_layer]) as cam:
+                maps[method] = cam(input_tensor, [ClassifierOutputTarget(column)])[0]
+    return logits, maps

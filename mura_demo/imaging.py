@@ -1,0 +1,104 @@
+"""Image in: read an uploaded radiograph safely and turn it into one 8-bit greyscale image.
+
+Every way a file can be unusable maps to an :class:`ImageInputError` whose message says
+what is wrong in words a user understands; nothing else escapes from here.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 64
+MAX_BYTES = 50 * 1024 * 1024
+FORMATS = {"PNG", "JPEG", "MPO", "BMP", "TIFF"}
+
+
+class ImageInputError(ValueError):
+    """An upload that cannot be analysed; the message is meant for the user."""
+
+
+def read_bytes(source: str | Path | bytes) -> bytes:
+    """The raw bytes of an upload, with size checks before anything is decoded."""
+    if isinstance(source, bytes):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageInputError(f"No file at {path.name}.")
+        if path.stat().st_size > MAX_BYTES:
+            raise ImageInputError(f"The file is larger than {MAX_BYTES // 2**20} MB.")
+        data = path.read_bytes()
+    if not data:
+        raise ImageInputError("The file is empty (0 bytes).")
+    if len(data) > MAX_BYTES:
+        raise ImageInputError(f"The file is larger than {MAX_BYTES // 2**20} MB.")
+    return data
+
+
+def describe_non_image(data: bytes) -> str:
+    """A specific message for common files that are not images."""
+    if data.startswith(b"%PDF"):
+        return "This is a PDF document, not an image. Upload a PNG, JPEG, BMP or TIFF radiograph."
+    if data[128:132] == b"DICM":
+        return "This DICOM file could not be read as an image."
+    return "This file is not an image that can be read. Upload a PNG, JPEG, BMP or TIFF radiograph."
+
+
+def to_grey8(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit greyscale; high-bit-depth data is stretched over its own range."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        lo, hi = np.percentile(a, [0.5, 99.5]) if a.size else (0.0, 1.0)
+        if hi <= lo:
+            lo, hi = float(a.min()), float(a.max()) or 1.0
+        a = np.clip((a - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+        return Image.fromarray(np.round(a * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return image.convert("L")
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode an upload into an upright 8-bit greyscale PIL image, or raise ImageInputError."""
+    data = read_bytes(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format
+            if fmt not in FORMATS:
+                raise ImageInputError(f"{fmt} images are not supported. Upload a PNG, JPEG, BMP or TIFF radiograph.")
+            if getattr(image, "n_frames", 1) > 1 and fmt != "MPO":
+                raise ImageInputError("This file holds several frames. Upload one still radiograph.")
+            w, h = image.size
+            if w * h > MAX_PIXELS:
+                raise ImageInputError(f"The image is {w}x{h} pixels, over the {MAX_PIXELS // 10**6} megapixel limit.")
+            if min(w, h) < MIN_SIDE:
+                raise ImageInputError(
+                    f"The image is only {w}x{h} pixels. Upload a radiograph at least {MIN_SIDE} pixels on each side."
+                )
+            image.load()
+    except ImageInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError(f"The image declares too many pixels (over {MAX_PIXELS // 10**6} megapixels).") from None
+    except UnidentifiedImageError:
+        raise ImageInputError(describe_non_image(data)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageInputError(f"The image file is truncated or corrupt ({err}).") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        pass  # a broken EXIF block must not stop an otherwise readable image
+    grey = to_grey8(image)
+    if np.ptp(np.asarray(grey)) == 0:
+        raise ImageInputError("The image is a single flat colour: there is nothing to analyse.")
+    return grey

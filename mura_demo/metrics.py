@@ -1,0 +1,117 @@
+"""Metrics for binary abnormality and body-part classification, in plain NumPy.
+
+Study-level scores follow the MURA paper: a study's probability is the mean of its views'.
+Confidence intervals resample studies (the unit a radiologist reads), not images.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half). NaN with one class."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=float)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return np.r_[0.0, fps / max(1, (~y).sum())], np.r_[0.0, tps / max(1, y.sum())]
+
+
+def cohen_kappa(a, b) -> float:
+    """Cohen's kappa between two label vectors."""
+    a, b = np.asarray(a), np.asarray(b)
+    classes = np.union1d(a, b)
+    idx = {c: i for i, c in enumerate(classes)}
+    m = np.zeros((len(classes), len(classes)))
+    for x, z in zip(a, b):
+        m[idx[x], idx[z]] += 1
+    n = m.sum()
+    observed = np.trace(m) / n
+    expected = (m.sum(0) * m.sum(1)).sum() / n**2
+    return float((observed - expected) / (1 - expected)) if expected < 1 else 1.0
+
+
+def binary_metrics(labels, scores, threshold: float) -> dict[str, float]:
+    """AUROC, kappa, accuracy, sensitivity, specificity, precision and F1 at ``threshold``."""
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    pred = (s >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+
+    def ratio(a, b):
+        return a / b if b else float("nan")
+
+    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return {
+        "auroc": auroc(y, s),
+        "kappa": cohen_kappa(y, pred),
+        "accuracy": ratio(tp + tn, len(y)),
+        "sensitivity": sensitivity,
+        "specificity": ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def study_scores(studies, labels, scores) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Mean of each study's view probabilities, as in the MURA paper."""
+    grouped: dict[str, list[float]] = defaultdict(list)
+    label_of = {}
+    for st, y, s in zip(studies, labels, scores):
+        grouped[st].append(float(s))
+        label_of[st] = int(y)
+    keys = sorted(grouped)
+    return keys, np.array([label_of[k] for k in keys]), np.array([np.mean(grouped[k]) for k in keys])
+
+
+def best_kappa_threshold(labels, scores) -> float:
+    """The threshold that maximises Cohen's kappa (midpoints between distinct scores)."""
+    s = np.unique(np.asarray(scores, dtype=float))
+    candidates = np.r_[(s[:-1] + s[1:]) / 2.0, 0.5] if len(s) > 1 else np.array([0.5])
+    kappas = [cohen_kappa(labels, (np.asarray(scores) >= t).astype(int)) for t in candidates]
+    return float(np.clip(candidates[int(np.argmax(kappas))], 1e-4, 1 - 1e-4))
+
+
+def bootstrap_ci(labels, scores, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Point estimates and 95% percentile intervals of :func:`binary_metrics` over resampled units."""
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    point = binary_metrics(y, s, threshold)
+    rng = np.random.default_rng(seed)
+    draws = defaultdict(list)
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        for k, v in binary_metrics(y[i], s[i], threshold).items():
+            if not np.isnan(v):
+                draws[k].append(v)
+    out = {}
+    for k, v in point.items():
+        lo, hi = np.percentile(draws[k], [2.5, 97.5]) if draws[k] else (float("nan"),) * 2
+        out[k] = {"value": v, "ci95": [float(lo), float(hi)]}
+    return out

@@ -1,0 +1,88 @@
+"""The model: a timm backbone with a body-part head and one abnormality logit per body part.
+
+One forward pass answers everything: the output row holds the body-part logits (the MURA
+parts plus 'other') followed by the abnormality logits, so an explanation targets a single
+output column, the abnormality logit of the routed part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MuraNet(nn.Module):
+    """Backbone features -> (body-part logits | per-part abnormality logits)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = timm.create_model(config.architecture, pretrained=False, num_classes=0)
+        width = self.backbone.num_features
+        self.dropout = nn.Dropout(config.drop_rate)
+        self.body_part_head = nn.Linear(width, len(config.body_part_classes))
+        self.abnormality_head = nn.Linear(width, len(config.body_parts))
+        for head in (self.body_part_head, self.abnormality_head):
+            # A small-normal init starts the losses near log(2), not at timm's large defaults.
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.dropout(features)
+        return torch.cat([self.body_part_head(features), self.abnormality_head(features)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.backbone(x))
+
+
+def split_logits(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the model output into (body-part logits, abnormality logits)."""
+    n = len(config.body_part_classes)
+    return logits[:, :n], logits[:, n:]
+
+
+def create_model(config: ModelConfig, imagenet_init: str | Path | None = None) -> MuraNet:
+    """Build the model from its config; optionally start the backbone from ImageNet weights."""
+    model = MuraNet(config)
+    if imagenet_init is not None:
+        load_imagenet_backbone(model.backbone, imagenet_init)
+    return model
+
+
+def load_imagenet_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Copy a local ImageNet checkpoint into the backbone, checking every tensor's shape.
+
+    The offline checkpoints (see ``../shared/data/README.md``) name their tensors their own
+    way but list them in the same order as timm, so tensors are paired in order and each pair
+    must agree in shape. The classifier is dropped; nothing else may be left over.
+    Checkpoints are read with torch's weights-only loader, never plain pickle.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        source = load_file(path)
+    else:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = source.get("state_dict", source) if isinstance(source, dict) else source
+    source = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    target = [(k, v) for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    # Drop the source's ImageNet classifier (the last weight/bias pair) when it is one too many.
+    if len(source) == len(target) + 2 and source[-1][1].ndim == 1 and source[-2][1].ndim == 2:
+        source = source[:-2]
+    if len(source) != len(target):
+        raise ValueError(f"{path.name}: {len(source)} tensors, but the backbone has {len(target)}")
+    mapped = {}
+    for (src_key, src), (dst_key, dst) in zip(source, target):
+        if src.shape != dst.shape:
+            raise ValueError(f"{path.name}: {src_key} {tuple(src.shape)} does not fit {dst_key} {tuple(dst.shape)}")
+        mapped[dst_key] = src.to(dst.dtype)
+    missing, unexpected = backbone.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{path.name}: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,138 @@
+"""The pipeline: image in -> preprocessing -> model -> explanations -> presentation.
+
+:class:`Predictor` is what the Gradio app, the CLI and the benchmarks call; it needs no Gradio.
+One lock guards the model, so concurrent requests never share hook state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import OTHER
+from .explain import DEFAULT_METHODS, explain
+from .imaging import ImageInputError, load_image
+from .model import split_logits
+from .preprocess import Box, to_model_input
+from .render import overlay
+from .weights import LoadedModel, load_model
+
+AUTO = "auto"
+NOT_UPPER_EXTREMITY = "not an upper-extremity radiograph"
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What the model says about one radiograph; ``to_dict`` is the API's JSON answer."""
+
+    body_part: str | None  # the part whose abnormality logit was used (None: not upper extremity)
+    body_part_source: str  # "model" or "user"
+    predicted_body_part: str  # the body-part head's own top class, "other" included
+    body_part_probabilities: dict[str, float]
+    abnormality_probability: float | None
+    threshold: float | None
+    verdict: str  # "abnormal", "normal" or NOT_UPPER_EXTREMITY
+    validated: bool | None  # whether the abnormality model was validated for body_part
+    model: str
+    weights_revision: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Analysis:
+    """A prediction with the maps behind it and what is needed to draw them."""
+
+    prediction: Prediction
+    image: Image.Image
+    box: Box
+    maps: dict[str, np.ndarray]
+
+    def overlays(self, opacity: float = 0.5, colormap: str = "jet") -> dict[str, np.ndarray]:
+        return {m: overlay(self.image, cam, self.box, opacity, colormap) for m, cam in self.maps.items()}
+
+
+class Predictor:
+    """Body part, abnormality and explanation maps for uploaded radiographs."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.target_layer = self.model.get_submodule(self.config.cam_layer)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, spec: str | None = None) -> Predictor:
+        return cls(load_model(spec))
+
+    @property
+    def body_part_choices(self) -> list[str]:
+        return [AUTO, *self.config.body_parts]
+
+    def check_body_part(self, body_part: str) -> str:
+        body_part = (body_part or AUTO).strip().lower()
+        if body_part not in self.body_part_choices:
+            raise ImageInputError(f"Unknown body part '{body_part}'. Choose one of: {', '.join(self.body_part_choices)}.")
+        return body_part
+
+    def route(self, logits: torch.Tensor, body_part: str) -> str | None:
+        """The part to read abnormality from: the user's choice, else the model's (None: other)."""
+        if body_part != AUTO:
+            return body_part
+        top = self.config.body_part_classes[int(split_logits(self.config, logits)[0].argmax(1))]
+        return None if top == OTHER else top
+
+    def analyze(
+        self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
+    ) -> Analysis:
+        """Read, classify and explain one radiograph in a single forward/backward pass."""
+        body_part = self.check_body_part(body_part)
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ImageInputError("The decision threshold must lie strictly between 0 and 1.")
+        image = load_image(source)
+        x, box = to_model_input(image, self.config)
+
+        def choose(logits: torch.Tensor) -> int | None:
+            part = self.route(logits, body_part)
+            return None if part is None or not methods else self.config.abnormality_index(part)
+
+        with self.lock:
+            if methods:
+                logits, maps = explain(self.model, self.target_layer, x, choose, methods)
+            else:
+                with torch.inference_mode():
+                    logits, maps = self.model(x), {}
+        return Analysis(self.interpret(logits, body_part, threshold), image, box, maps)
+
+    def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
+        """Body part and abnormality only: one forward pass, no maps."""
+        return self.analyze(source, body_part, methods=(), threshold=threshold).prediction
+
+    def interpret(self, logits: torch.Tensor, body_part: str, threshold: float | None) -> Prediction:
+        cfg = self.config
+        bp_logits, ab_logits = split_logits(cfg, logits.float())
+        bp_prob = bp_logits.softmax(1)[0]
+        probs = {name: round(float(p), 4) for name, p in zip(cfg.body_part_classes, bp_prob)}
+        predicted = cfg.body_part_classes[int(bp_prob.argmax())]
+        part = self.route(logits, body_part)
+        common = dict(
+            body_part_source="model" if body_part == AUTO else "user",
+            predicted_body_part=predicted,
+            body_part_probabilities=probs,
+            model=cfg.architecture,
+            weights_revision=self.loaded.revision,
+        )
+        if part is None:
+            return Prediction(None, abnormality_probability=None, threshold=None, verdict=NOT_UPPER_EXTREMITY,
+                              validated=None, **common)  # fmt: skip
+        p = float(ab_logits[0, cfg.body_parts.index(part)].sigmoid())
+        t = float(threshold if threshold is not None else cfg.thresholds[part])
+        return Prediction(part, abnormality_probability=round(p, 4), threshold=round(t, 4),
+                          verdict="abnormal" if p >= t else "normal", validated=bool(cfg.validated[part]), **common)  # fmt: skip

@@ -1,0 +1,55 @@
+"""Preprocessing shared by training and serving: letterbox to a square, then normalise.
+
+Radiographs come in every aspect ratio; squashing them would distort anatomy, so the image is
+scaled to fit and padded with black (the radiograph background). The content box is kept so
+that heatmaps can be cropped back to the original framing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """Where the scaled radiograph sits inside the square model input."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, Box]:
+    """Scale a greyscale image to fit ``size`` x ``size`` without distortion, padding with black."""
+    w, h = image.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new("L", (size, size), 0)
+    box = Box((size - nw) // 2, (size - nh) // 2, nw, nh)
+    canvas.paste(resized, (box.left, box.top))
+    return canvas, box
+
+
+def normalize(batch: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """uint8 or [0, 1] grey batch (N, 1, H, W) -> normalised 3-channel float batch (N, 3, H, W)."""
+    x = batch.float()
+    if batch.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(config.mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def to_model_input(image: Image.Image, config: ModelConfig) -> tuple[torch.Tensor, Box]:
+    """A greyscale PIL image -> the (1, 3, S, S) model input and its content box."""
+    square, box = letterbox(image, config.input_size)
+    grey = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())[None, None]
+    return normalize(grey, config), box

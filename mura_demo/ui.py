@@ -1,0 +1,170 @@
+"""The Gradio interface: a thin layer over :class:`~mura_demo.predictor.Predictor`.
+
+Named API endpoints (inputs in this order):
+  /predict  (image file, body part or "auto")           -> JSON prediction
+  /explain  (image file, body part, method)             -> overlay PNG
+Bad input raises ``gr.Error`` with a specific message: a modal in the browser, a clean
+``AppError`` for API clients, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from .explain import DEFAULT_METHODS, METHODS
+from .imaging import ImageInputError, read_bytes
+from .predictor import NOT_UPPER_EXTREMITY, AUTO, Analysis, Predictor
+from .render import COLORMAPS
+from .weights import WeightsError
+
+EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
+MAX_UPLOAD = "25mb"
+DISCLAIMER = (
+    "**Research and teaching software only. Not a medical device.** It must not be used for diagnosis, "
+    "triage or any clinical decision."
+)
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "saliency": "Saliency (input gradients)",
+                 "hirescam": "HiResCAM", "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM",
+                 "scorecam": "ScoreCAM"}  # fmt: skip
+
+
+def consume_upload(upload) -> bytes:
+    """The bytes of an uploaded file, which is then deleted: uploads are not kept past the request."""
+    if upload is None:
+        raise ImageInputError("No file was uploaded.")
+    path = Path(upload if isinstance(upload, str | os.PathLike) else upload.name)
+    try:
+        return read_bytes(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def summary_markdown(analysis: Analysis) -> str:
+    p = analysis.prediction
+    if p.verdict == NOT_UPPER_EXTREMITY:
+        top = p.body_part_probabilities["other"]
+        return (
+            f"### This does not look like an upper-extremity radiograph\n"
+            f"The body-part model gives 'other' {top:.0%}. No abnormality reading is given. "
+            "If it is an upper-extremity radiograph, choose its body part to read it anyway."
+        )
+    lines = [
+        f"### {p.verdict.upper()}: abnormality probability {p.abnormality_probability:.1%}",
+        f"- Body part: **{p.body_part}** ({'chosen by you' if p.body_part_source == 'user' else 'detected'}, "
+        f"model gives it {p.body_part_probabilities[p.body_part]:.0%})",
+        f"- Decision threshold for {p.body_part}: {p.threshold:.3f} (abnormal at or above)",
+        "- Validated for this body part: "
+        + ("yes (held-out MURA data)" if p.validated else "**no**: no abnormality training data for this part"),
+    ]
+    if p.body_part_source == "user" and p.predicted_body_part != p.body_part:
+        lines.append(f"- Note: the body-part model's own answer is **{p.predicted_body_part}**")
+    return "\n".join(lines)
+
+
+def model_markdown(predictor: Predictor) -> str:
+    loaded, cfg = predictor.loaded, predictor.config
+    card = cfg.model_card_url or "weights/README.md"
+    text = f"Model: `{cfg.architecture}` · weights: {loaded.source} · [model card]({card})"
+    if loaded.notice:
+        text += f"\n\n> ⚠️ {loaded.notice}"
+    return text
+
+
+def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Blocks:
+    """The full UI plus the /predict and /explain API endpoints."""
+    choices = predictor.body_part_choices
+
+    def analyze_ui(upload, body_part, opacity, colormap):
+        try:
+            analysis = predictor.analyze(consume_upload(upload), body_part, DEFAULT_METHODS)
+        except ImageInputError as err:
+            raise gr.Error(str(err), title="Cannot analyse this file") from None
+        p = analysis.prediction
+        overlays = analysis.overlays(opacity, colormap) if analysis.maps else {}
+        label = {k: v for k, v in p.body_part_probabilities.items()}
+        return (summary_markdown(analysis), label, *(overlays.get(m) for m in DEFAULT_METHODS), p.to_dict())
+
+    def predict_api(upload, body_part: str = AUTO) -> dict:
+        try:
+            return predictor.predict(consume_upload(upload), body_part).to_dict()
+        except ImageInputError as err:
+            raise gr.Error(str(err)) from None
+
+    def explain_api(upload, body_part: str = AUTO, method: str = "gradcam"):
+        try:
+            if method not in METHODS:
+                raise ImageInputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
+            analysis = predictor.analyze(consume_upload(upload), body_part, (method,))
+            if not analysis.maps:
+                raise ImageInputError(
+                    "This does not look like an upper-extremity radiograph, so there is no abnormality to explain. "
+                    "Pass a body part instead of 'auto' to explain it anyway."
+                )
+        except ImageInputError as err:
+            raise gr.Error(str(err)) from None
+        return analysis.overlays()[method]
+
+    with gr.Blocks(title="MURA demo: explainable abnormality detection", delete_cache=(300, 600)) as demo:
+        gr.Markdown("# MURA demo: body part, abnormality and why\n" + DISCLAIMER)
+        gr.Markdown(model_markdown(predictor))
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(
+                    label="Upper-extremity radiograph (PNG, JPEG, BMP, TIFF)",
+                    file_types=[".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"],
+                    type="filepath",
+                )
+                body_part = gr.Dropdown(choices, value=AUTO, label="Body part ('auto': let the model decide)")
+                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
+                colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
+                run = gr.Button("Analyse", variant="primary")
+                if examples_dir and Path(examples_dir).is_dir():
+                    files = sorted(str(p) for p in Path(examples_dir).iterdir() if p.is_file())
+                    gr.Examples([[f] for f in files], inputs=[upload])
+            with gr.Column(scale=2):
+                summary = gr.Markdown("Upload a radiograph and press **Analyse**.")
+                parts = gr.Label(label="Body part probabilities", num_top_classes=4)
+                with gr.Row():
+                    maps = [gr.Image(label=METHOD_LABELS[m], type="numpy", format="png", interactive=False)
+                            for m in DEFAULT_METHODS]  # fmt: skip
+                with gr.Accordion("Raw prediction (JSON)", open=False):
+                    raw = gr.JSON()
+        inputs = [upload, body_part, opacity, colormap]
+        outputs = [summary, parts, *maps, raw]
+        run.click(analyze_ui, inputs, outputs, api_name=False)
+
+        # API-only endpoints: hidden components give them typed inputs and outputs.
+        with gr.Group(visible=False):
+            api_file = gr.File(type="filepath")
+            api_part = gr.Textbox(value=AUTO)
+            api_method = gr.Textbox(value="gradcam")
+            api_json = gr.JSON()
+            api_image = gr.Image(type="numpy", format="png")
+            gr.Button().click(predict_api, [api_file, api_part], api_json, api_name="predict")
+            gr.Button().click(explain_api, [api_file, api_part, api_method], api_image, api_name="explain")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py`: load the weights, build the UI and serve it."""
+    parser = argparse.ArgumentParser(description="Serve the MURA demo")
+    parser.add_argument("--weights", default=None, help="weights folder or hf://owner/name@revision "
+                        "(default: $MURA_DEMO_WEIGHTS, else the bundled weights/)")  # fmt: skip
+    parser.add_argument("--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})")
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor.from_spec(args.weights)
+    except WeightsError as err:
+        print(f"mura-demo cannot start: {err}", file=sys.stderr)
+        return 2
+    if predictor.loaded.notice:
+        print(f"mura-demo: {predictor.loaded.notice}", file=sys.stderr)
+    demo = build_demo(predictor, args.examples)
+    demo.queue(default_concurrency_limit=2, max_size=64)
+    demo.launch(max_file_size=MAX_UPLOAD, show_error=True)
+    return 0

@@ -1,0 +1,62 @@
+"""The metric code agrees with scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as sk
+
+from mura_demo.metrics import auroc, binary_metrics, bootstrap_ci, cohen_kappa, roc_curve, study_scores
+
+
+@pytest.fixture(params=[0, 1, 2])
+def scored(request):
+    rng = np.random.default_rng(request.param)
+    y = rng.integers(0, 2, 300)
+    s = np.clip(y * 0.3 + rng.normal(0.4, 0.25, 300), 0, 1)
+    s = np.round(s, 2)  # ties
+    return y, s
+
+
+def test_auroc_matches_sklearn(scored):
+    y, s = scored
+    assert auroc(y, s) == pytest.approx(sk.roc_auc_score(y, s), abs=1e-12)
+
+
+def test_roc_curve_matches_sklearn(scored):
+    y, s = scored
+    fpr, tpr = roc_curve(y, s)
+    ref_fpr, ref_tpr, _ = sk.roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, ref_fpr) and np.allclose(tpr, ref_tpr)
+
+
+def test_threshold_metrics_match_sklearn(scored):
+    y, s = scored
+    pred = (s >= 0.55).astype(int)
+    m = binary_metrics(y, s, 0.55)
+    assert m["kappa"] == pytest.approx(sk.cohen_kappa_score(y, pred))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(sk.recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(sk.recall_score(1 - y, 1 - pred))
+    assert m["precision"] == pytest.approx(sk.precision_score(y, pred))
+    assert m["f1"] == pytest.approx(sk.f1_score(y, pred))
+
+
+def test_kappa_multiclass_matches_sklearn():
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    assert cohen_kappa(a, b) == pytest.approx(sk.cohen_kappa_score(a, b))
+
+
+def test_study_scores_average_views():
+    keys, y, p = study_scores(["s1", "s1", "s2"], [1, 1, 0], [0.2, 0.6, 0.9])
+    assert keys == ["s1", "s2"] and list(y) == [1, 0] and p == pytest.approx([0.4, 0.9])
+
+
+def test_bootstrap_interval_contains_point(scored):
+    y, s = scored
+    ci = bootstrap_ci(y, s, 0.5, n_boot=200)
+    for v in ci.values():
+        lo, hi = v["ci95"]
+        assert lo <= v["value"] <= hi
+    assert 0.02 < ci["auroc"]["ci95"][1] - ci["auroc"]["ci95"][0] < 0.3
