@@ -22,8 +22,14 @@ from .preprocess import letterbox
 
 # UNIFESP region names that are MURA body parts; "Others" is mixed (it may hold arm views),
 # so images labelled only "Others" are left out rather than taught as "not upper extremity".
-UNIFESP_PARTS = {"Elbow": "elbow", "Finger": "finger", "Forearm": "forearm", "Hand": "hand",
-                 "Shoulder": "shoulder", "Wrist": "wrist"}  # fmt: skip
+UNIFESP_PARTS = {
+    "Elbow": "elbow",
+    "Finger": "finger",
+    "Forearm": "forearm",
+    "Hand": "hand",
+    "Shoulder": "shoulder",
+    "Wrist": "wrist",
+}
 UNIFESP_AMBIGUOUS = "Others"
 
 

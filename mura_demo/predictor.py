@@ -79,7 +79,9 @@ class Predictor:
     def check_body_part(self, body_part: str) -> str:
         body_part = (body_part or AUTO).strip().lower()
         if body_part not in self.body_part_choices:
-            raise ImageInputError(f"Unknown body part '{body_part}'. Choose one of: {', '.join(self.body_part_choices)}.")
+            raise ImageInputError(
+                f"Unknown body part '{body_part}'. Choose one of: {', '.join(self.body_part_choices)}."
+            )
         return body_part
 
     def route(self, logits: torch.Tensor, body_part: str) -> str | None:
@@ -130,9 +132,21 @@ class Predictor:
             weights_revision=self.loaded.revision,
         )
         if part is None:
-            return Prediction(None, abnormality_probability=None, threshold=None, verdict=NOT_UPPER_EXTREMITY,
-                              validated=None, **common)  # fmt: skip
+            return Prediction(
+                None,
+                abnormality_probability=None,
+                threshold=None,
+                verdict=NOT_UPPER_EXTREMITY,
+                validated=None,
+                **common,
+            )
         p = float(ab_logits[0, cfg.body_parts.index(part)].sigmoid())
         t = float(threshold if threshold is not None else cfg.thresholds[part])
-        return Prediction(part, abnormality_probability=round(p, 4), threshold=round(t, 4),
-                          verdict="abnormal" if p >= t else "normal", validated=bool(cfg.validated[part]), **common)  # fmt: skip
+        return Prediction(
+            part,
+            abnormality_probability=round(p, 4),
+            threshold=round(t, 4),
+            verdict="abnormal" if p >= t else "normal",
+            validated=bool(cfg.validated[part]),
+            **common,
+        )

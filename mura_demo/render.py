@@ -10,8 +10,12 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from .preprocess import Box
 
 DISPLAY_MAX_SIDE = 768
-COLORMAPS = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO, "viridis": cv2.COLORMAP_VIRIDIS,
-             "turbo": cv2.COLORMAP_TURBO}  # fmt: skip
+COLORMAPS = {
+    "jet": cv2.COLORMAP_JET,
+    "inferno": cv2.COLORMAP_INFERNO,
+    "viridis": cv2.COLORMAP_VIRIDIS,
+    "turbo": cv2.COLORMAP_TURBO,
+}
 
 
 def display_image(image: Image.Image) -> Image.Image:

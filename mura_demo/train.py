@@ -12,6 +12,7 @@ each rank trains on its shard of every epoch; rank 0 alone writes checkpoints an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -164,6 +165,17 @@ def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Te
     return report
 
 
+def warmup_cosine(warm: int, total: int):
+    """Learning-rate factor per step: linear warm-up over ``warm`` steps, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return factor
+
+
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state as flat tensors (for safetensors) plus JSON-able hyper-parameters."""
     sd = opt.state_dict()
@@ -199,8 +211,11 @@ def subsample(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[int(i * step)] for i in range(limit)]
 
 
-def train(settings: TrainSettings) -> ModelConfig:
-    """Run both phases, keep the best holdout epoch, calibrate, and export. Returns its config."""
+def train(settings: TrainSettings) -> MuraNet:
+    """Run both phases, keep the best holdout epoch, calibrate and export it (rank 0).
+
+    Returns this rank's model as the last epoch left it (the same on every rank).
+    """
     dist = Distributed()
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // dist.world))
     torch.manual_seed(settings.seed)
@@ -242,18 +257,14 @@ def train(settings: TrainSettings) -> ModelConfig:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
         total = epochs * steps
         warm = min(settings.warmup_steps, total // 4)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: (i + 1) / (warm + 1) if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, total - warm)))
-        )
         start_epoch = 0
         if resume and meta["phase"] == phase:
             tensors = load_file(ckpt_path)
             load_model_tensors(model, tensors)
             unflatten_optimizer(opt, tensors, meta["optimizer"])
             start_epoch = meta["epoch"]
-            sched.last_epoch = start_epoch * steps - 1
-            sched.step()
-        elif resume and phase == "finetune" and meta["phase"] == "heads":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total), last_epoch=start_epoch * steps - 1)
+        if resume and phase == "finetune" and meta["phase"] == "heads":
             load_model_tensors(model, load_file(ckpt_path))
         resume = False
         net = dist.wrap(model)
@@ -262,11 +273,18 @@ def train(settings: TrainSettings) -> ModelConfig:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
                 break
             gen = torch.Generator().manual_seed(settings.seed * 1000 + epoch + 100 * phase_no)
-            order = torch.randperm(len(train_set), generator=gen)[dist.rank :: dist.world][: steps * settings.batch_size]
+            order = torch.randperm(len(train_set), generator=gen)[dist.rank :: dist.world][
+                : steps * settings.batch_size
+            ]
             aug_gen = torch.Generator().manual_seed(settings.seed * 7919 + dist.rank * 131 + epoch + 100 * phase_no)
             running, t_epoch = 0.0, time.time()
-            bar = tqdm(range(steps), desc=f"{phase} {epoch + 1}/{epochs}", disable=not dist.main, mininterval=5,
-                       file=sys.stdout)  # fmt: skip
+            bar = tqdm(
+                range(steps),
+                desc=f"{phase} {epoch + 1}/{epochs}",
+                disable=not dist.main,
+                mininterval=5,
+                file=sys.stdout,
+            )
             for step in bar:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 x = augment(images[index], aug_gen)
@@ -280,9 +298,15 @@ def train(settings: TrainSettings) -> ModelConfig:
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
             bp_prob, ab_prob = score_images(model, config, holdout_images)
             report = holdout_report(config, holdout, bp_prob, ab_prob)
-            row = {"phase": phase, "epoch": epoch + 1, "train_loss": running / steps, "seconds": time.time() - t_epoch,
-                   **{f"holdout_auroc_{k}": v for k, v in report["auroc"].items()},
-                   "holdout_body_part_accuracy": report["body_part_accuracy"], "holdout_score": report["score"]}  # fmt: skip
+            row = {
+                "phase": phase,
+                "epoch": epoch + 1,
+                "train_loss": running / steps,
+                "seconds": time.time() - t_epoch,
+                **{f"holdout_auroc_{k}": v for k, v in report["auroc"].items()},
+                "holdout_body_part_accuracy": report["body_part_accuracy"],
+                "holdout_score": report["score"],
+            }
             meta["history"].append(row)
             improved = report["score"] > meta["best_score"]
             if improved:
@@ -299,19 +323,19 @@ def train(settings: TrainSettings) -> ModelConfig:
                 meta_path.write_text(json.dumps({**meta, "optimizer": opt_meta}, indent=1))
                 log(dist, json.dumps(row))
     if dist.main:
-        config = finalize(settings, config, model, best_path, holdout, holdout_images, losses, meta)
+        finalize(settings, copy.deepcopy(model), best_path, holdout, holdout_images, losses, meta)
         plot_curves(meta["history"], out / "curves.png")
     dist.close()
-    return config
+    return model
 
 
-def finalize(settings, config, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
+def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
     """Load the best epoch, choose per-part thresholds on the holdout, export the weights folder."""
+    config = model.config
     load_model_tensors(model, load_file(best_path))
     bp_prob, ab_prob = score_images(model, config, holdout_images)
-    trained = [p for p in losses.parts_with_labels]
     holdout_metrics = {}
-    for part in trained:
+    for part in losses.parts_with_labels:
         idx = [i for i, s in enumerate(holdout) if s.abnormal is not None and s.body_parts == (part,)]
         if not idx:
             continue
@@ -334,12 +358,21 @@ def finalize(settings, config, model, best_path, holdout, holdout_images, losses
                 config.thresholds[part] = float(np.mean([config.thresholds[p] for p in validated]))
     other_idx = [i for i, s in enumerate(holdout) if s.body_parts == (OTHER,)]
     config.trained = True
-    config.metrics = {"holdout": {"study_level": holdout_metrics,
-                                  "body_part_accuracy": holdout_report(config, holdout, bp_prob, ab_prob)["body_part_accuracy"],
-                                  "other_recall": float((bp_prob[other_idx].argmax(1) == len(config.body_parts)).float().mean())
-                                  if other_idx else None}}  # fmt: skip
-    config.training = {"settings": dataclasses.asdict(settings), "best_epoch": meta["best_epoch"],
-                       "epochs_run": len(meta["history"]), "seconds": float(sum(r["seconds"] for r in meta["history"]))}  # fmt: skip
+    config.metrics = {
+        "holdout": {
+            "study_level": holdout_metrics,
+            "body_part_accuracy": holdout_report(config, holdout, bp_prob, ab_prob)["body_part_accuracy"],
+            "other_recall": float((bp_prob[other_idx].argmax(1) == len(config.body_parts)).float().mean())
+            if other_idx
+            else None,
+        }
+    }
+    config.training = {
+        "settings": dataclasses.asdict(settings),
+        "best_epoch": meta["best_epoch"],
+        "epochs_run": len(meta["history"]),
+        "seconds": float(sum(r["seconds"] for r in meta["history"])),
+    }
     if settings.export_dir:
         export_weights(model, config, settings.export_dir)
         print(f"exported to {settings.export_dir}")

@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import gradio as gr
 
 from .explain import DEFAULT_METHODS, METHODS
 from .imaging import ImageInputError, read_bytes
-from .predictor import NOT_UPPER_EXTREMITY, AUTO, Analysis, Predictor
+from .predictor import AUTO, NOT_UPPER_EXTREMITY, Analysis, Predictor
 from .render import COLORMAPS
-from .weights import WeightsError
+from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
 MAX_UPLOAD = "25mb"
@@ -28,20 +29,33 @@ DISCLAIMER = (
     "**Research and teaching software only. Not a medical device.** It must not be used for diagnosis, "
     "triage or any clinical decision."
 )
-METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "saliency": "Saliency (input gradients)",
-                 "hirescam": "HiResCAM", "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM",
-                 "scorecam": "ScoreCAM"}  # fmt: skip
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "saliency": "Saliency (input gradients)",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "scorecam": "ScoreCAM",
+}
+
+
+def upload_folder() -> Path:
+    """Where Gradio keeps uploads (the same rule as ``gradio.utils.get_upload_folder``)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 def consume_upload(upload) -> bytes:
-    """The bytes of an uploaded file, which is then deleted: uploads are not kept past the request."""
+    """The bytes of an uploaded file, whose temporary copy is then deleted: uploads are not kept."""
     if upload is None:
         raise ImageInputError("No file was uploaded.")
-    path = Path(upload if isinstance(upload, str | os.PathLike) else upload.name)
+    path = Path(upload if isinstance(upload, str | os.PathLike) else upload.name).resolve()
     try:
         return read_bytes(path)
     finally:
-        path.unlink(missing_ok=True)
+        if path.is_relative_to(upload_folder()):  # never delete files Gradio did not create
+            path.unlink(missing_ok=True)
 
 
 def summary_markdown(analysis: Analysis) -> str:
@@ -68,8 +82,14 @@ def summary_markdown(analysis: Analysis) -> str:
 
 def model_markdown(predictor: Predictor) -> str:
     loaded, cfg = predictor.loaded, predictor.config
-    card = cfg.model_card_url or "weights/README.md"
-    text = f"Model: `{cfg.architecture}` · weights: {loaded.source} · [model card]({card})"
+    if loaded.source.startswith(HUB_PREFIX):
+        card = f"[model card](https://huggingface.co/{loaded.source.removeprefix(HUB_PREFIX).split('@')[0]})"
+    else:
+        card = "model card: `weights/README.md` in the repository"
+    validated = ", ".join(p for p in cfg.body_parts if cfg.validated[p]) or "none"
+    text = (
+        f"Model: `{cfg.architecture}` · weights: {loaded.source} · {card} · abnormality validated for: **{validated}**"
+    )
     if loaded.notice:
         text += f"\n\n> ⚠️ {loaded.notice}"
     return text
@@ -79,9 +99,20 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     """The full UI plus the /predict and /explain API endpoints."""
     choices = predictor.body_part_choices
 
-    def analyze_ui(upload, body_part, opacity, colormap):
+    def store_upload(upload):
+        """Read a new upload into this session's memory and delete its temporary file."""
+        if upload is None:
+            return None
         try:
-            analysis = predictor.analyze(consume_upload(upload), body_part, DEFAULT_METHODS)
+            return consume_upload(upload)
+        except ImageInputError as err:
+            raise gr.Error(str(err), title="Cannot read this file") from None
+
+    def analyze_ui(data, body_part, opacity, colormap):
+        if data is None:
+            raise gr.Error("Upload a radiograph first.", title="No image")
+        try:
+            analysis = predictor.analyze(data, body_part, DEFAULT_METHODS)
         except ImageInputError as err:
             raise gr.Error(str(err), title="Cannot analyse this file") from None
         p = analysis.prediction
@@ -127,16 +158,29 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                     files = sorted(str(p) for p in Path(examples_dir).iterdir() if p.is_file())
                     gr.Examples([[f] for f in files], inputs=[upload])
             with gr.Column(scale=2):
-                summary = gr.Markdown("Upload a radiograph and press **Analyse**.")
+                summary = gr.Markdown("Upload a radiograph and press **Analyse**.", elem_id="summary")
                 parts = gr.Label(label="Body part probabilities", num_top_classes=4)
                 with gr.Row():
-                    maps = [gr.Image(label=METHOD_LABELS[m], type="numpy", format="png", interactive=False)
-                            for m in DEFAULT_METHODS]  # fmt: skip
+                    maps = [
+                        gr.Image(
+                            label=METHOD_LABELS[m],
+                            type="numpy",
+                            format="png",
+                            interactive=False,
+                            elem_id=f"map-{m.replace('+', 'p')}",
+                        )
+                        for m in DEFAULT_METHODS
+                    ]
                 with gr.Accordion("Raw prediction (JSON)", open=False):
                     raw = gr.JSON()
-        inputs = [upload, body_part, opacity, colormap]
+        stored = gr.State(None)
+        inputs = [stored, body_part, opacity, colormap]
         outputs = [summary, parts, *maps, raw]
+        upload.change(store_upload, upload, stored, api_name=False).success(analyze_ui, inputs, outputs, api_name=False)
         run.click(analyze_ui, inputs, outputs, api_name=False)
+        for control in (body_part, colormap):
+            control.input(analyze_ui, inputs, outputs, api_name=False)
+        opacity.release(analyze_ui, inputs, outputs, api_name=False)
 
         # API-only endpoints: hidden components give them typed inputs and outputs.
         with gr.Group(visible=False):
@@ -153,9 +197,14 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
 def main(argv: list[str] | None = None) -> int:
     """`python app.py`: load the weights, build the UI and serve it."""
     parser = argparse.ArgumentParser(description="Serve the MURA demo")
-    parser.add_argument("--weights", default=None, help="weights folder or hf://owner/name@revision "
-                        "(default: $MURA_DEMO_WEIGHTS, else the bundled weights/)")  # fmt: skip
-    parser.add_argument("--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="weights folder or hf://owner/name@revision (default: $MURA_DEMO_WEIGHTS, else the bundled weights/)",
+    )
+    parser.add_argument(
+        "--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})"
+    )
     args = parser.parse_args(argv)
     try:
         predictor = Predictor.from_spec(args.weights)

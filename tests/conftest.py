@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -72,7 +75,8 @@ def radiographs() -> dict[str, Path]:
 
         from mura_demo.data import TEST_BUCKETS, bucket
 
-        chest = [r["image"] for r in csv.DictReader(open(labels)) if r["classes"] == "Chest"]
+        with open(labels, newline="") as fh:
+            chest = [r["image"] for r in csv.DictReader(fh) if r["classes"] == "Chest"]
         out["chest"] = UNIFESP / next(c for c in chest if bucket(f"unifesp:{c}") in TEST_BUCKETS)  # held out
     return out
 
@@ -84,3 +88,37 @@ def predictor():
     from mura_demo.predictor import Predictor
 
     return Predictor.from_spec(str(BUNDLED))
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The real app, started with `python app.py` on a free loopback port: (client, temp dir, url)."""
+    from gradio_client import Client
+
+    port = free_port()
+    temp = tmp_path_factory.mktemp("gradio-temp")
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_TEMP_DIR": str(temp),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    log = tmp_path_factory.mktemp("app-log") / "app.log"
+    with open(log, "w") as fh:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    client = None
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            client = Client(url, verbose=False)
+            break
+        except Exception:
+            time.sleep(1)
+    if client is None:
+        proc.kill()
+        pytest.fail(f"app did not start: {log.read_text()[-3000:]}")
+    yield client, temp, url
+    proc.terminate()
+    proc.wait(timeout=30)

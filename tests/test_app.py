@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import pytest
 from bad_inputs import bad_inputs
-from conftest import ROOT, free_port, needs_data, needs_weights
+from conftest import needs_data, needs_weights
 from PIL import Image
 
 from mura_demo.config import BODY_PARTS
 
 pytestmark = [needs_weights, needs_data]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from gradio_client import Client
-
-    port = free_port()
-    temp = tmp_path_factory.mktemp("gradio-temp")
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_TEMP_DIR": str(temp), "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    client = None
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            client = Client(url, verbose=False)
-            break
-        except Exception:
-            time.sleep(1)
-    if client is None:
-        proc.kill()
-        pytest.fail(f"app did not start: {proc.stdout.read()}")
-    yield client, temp
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def call(client, *args, api_name):
@@ -51,7 +19,7 @@ def call(client, *args, api_name):
 
 
 def test_predict_real_radiographs(app, radiographs):
-    client, _ = app
+    client, _, _ = app
     for part in ("forearm", "humerus"):
         result = call(client, radiographs[part], "auto", api_name="/predict")
         assert result["body_part"] in BODY_PARTS and result["body_part_source"] == "model"
@@ -64,7 +32,7 @@ def test_predict_real_radiographs(app, radiographs):
 
 
 def test_body_part_override(app, radiographs):
-    client, _ = app
+    client, _, _ = app
     result = call(client, radiographs["forearm"], "wrist", api_name="/predict")
     assert result["body_part"] == "wrist" and result["body_part_source"] == "user"
     assert result["validated"] is False  # no wrist abnormality data in training
@@ -73,7 +41,7 @@ def test_body_part_override(app, radiographs):
 def test_non_upper_extremity_gets_no_diagnosis(app, radiographs):
     if "chest" not in radiographs:
         pytest.skip("UNIFESP images not found")
-    client, _ = app
+    client, _, _ = app
     result = call(client, radiographs["chest"], "auto", api_name="/predict")
     assert result["verdict"] == "not an upper-extremity radiograph"
     assert result["abnormality_probability"] is None
@@ -83,7 +51,7 @@ def test_non_upper_extremity_gets_no_diagnosis(app, radiographs):
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "saliency", "hirescam", "xgradcam", "layercam", "eigencam"])
 def test_explain_each_method(app, radiographs, method):
-    client, _ = app
+    client, _, _ = app
     path = call(client, radiographs["humerus"], "humerus", method, api_name="/explain")
     with Image.open(path) as overlay, Image.open(radiographs["humerus"]) as original:
         assert overlay.mode == "RGB"
@@ -94,7 +62,7 @@ def test_explain_each_method(app, radiographs, method):
 def test_bad_inputs_get_clear_errors_and_server_keeps_serving(app, radiographs, tmp_path):
     from gradio_client.exceptions import AppError
 
-    client, _ = app
+    client, _, _ = app
     for name, (data, fragment) in bad_inputs().items():
         path = tmp_path / name
         path.write_bytes(data)
@@ -102,14 +70,16 @@ def test_bad_inputs_get_clear_errors_and_server_keeps_serving(app, radiographs, 
             call(client, path, "auto", api_name="/predict")
         assert fragment.lower() in str(err.value).lower(), name
         assert call(client, radiographs["forearm"], "auto", api_name="/predict")["verdict"]
-    for args, fragment in (((radiographs["forearm"], "knee"), "Unknown body part"),
-                           ((radiographs["forearm"], "auto", "magic"), "Unknown method")):  # fmt: skip
+    for args, fragment in (
+        ((radiographs["forearm"], "knee"), "Unknown body part"),
+        ((radiographs["forearm"], "auto", "magic"), "Unknown method"),
+    ):
         with pytest.raises(AppError, match=fragment):
             call(client, *args, api_name="/explain" if len(args) == 3 else "/predict")
 
 
 def test_uploads_are_not_kept(app, radiographs):
-    client, temp = app
+    client, temp, _ = app
     data = radiographs["forearm_2"].read_bytes()
     call(client, radiographs["forearm_2"], "auto", api_name="/predict")
     kept = [p for p in temp.rglob("*") if p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data]

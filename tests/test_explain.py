@@ -33,9 +33,14 @@ def count_hooks(model) -> int:
 
 @pytest.mark.parametrize(
     "method,cls",
-    [("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("hirescam", HiResCAM), ("xgradcam", XGradCAM),
-     ("layercam", LayerCAM)],
-)  # fmt: skip
+    [
+        ("gradcam", GradCAM),
+        ("gradcam++", GradCAMPlusPlus),
+        ("hirescam", HiResCAM),
+        ("xgradcam", XGradCAM),
+        ("layercam", LayerCAM),
+    ],
+)
 def test_shared_pass_matches_library_class(setup, method, cls):
     config, model, layer, x, _ = setup
     column = config.abnormality_index("humerus")
@@ -60,7 +65,7 @@ def test_saliency_is_the_input_gradient(setup):
 
 
 def test_hooks_are_released_even_on_error(setup):
-    config, model, layer, x, _ = setup
+    _, model, layer, x, _ = setup
     before = count_hooks(model)
     explain(model, layer, x, lambda logits: 10, METHODS[:6])
     assert count_hooks(model) == before
@@ -88,7 +93,7 @@ def test_every_method_gives_a_map(setup):
 
 
 def test_overlay_keeps_aspect_and_crops_padding(setup):
-    config, model, layer, x, box = setup
+    config, _, _, _, box = setup
     cam = np.zeros((config.input_size, config.input_size), np.float32)
     cam[box.top : box.top + box.height, box.left : box.left + box.width] = 1.0  # hot exactly on the content
     out = overlay(textured((300, 200)), cam, box, opacity=1.0)

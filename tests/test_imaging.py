@@ -29,9 +29,20 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
 
 @pytest.mark.parametrize(
     "mode,fmt",
-    [("L", "PNG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("LA", "PNG"), ("L", "JPEG"), ("RGB", "JPEG"),
-     ("CMYK", "JPEG"), ("L", "BMP"), ("RGB", "TIFF"), ("L", "TIFF")],
-)  # fmt: skip
+    [
+        ("L", "PNG"),
+        ("RGB", "PNG"),
+        ("RGBA", "PNG"),
+        ("P", "PNG"),
+        ("LA", "PNG"),
+        ("L", "JPEG"),
+        ("RGB", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("L", "BMP"),
+        ("RGB", "TIFF"),
+        ("L", "TIFF"),
+    ],
+)
 def test_supported_modes_decode_to_grey(mode, fmt):
     base = textured((200, 150))
     out = load_image(encode(base.convert(mode), fmt))

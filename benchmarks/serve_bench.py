@@ -1,0 +1,190 @@
+"""Speed and memory of the demo, measured: prints a table and writes JSON.
+
+  python benchmarks/serve_bench.py [--images 60] [--users 16] [--requests 25] [--out runs/bench.json]
+
+In-process latency (median, p95) over real MURA radiographs for prediction alone and for
+prediction plus the three maps from one shared pass, against the naive way (three separate
+pytorch-grad-cam calls, each with its own forward and backward); then the real app over
+loopback: cold start, peak resident memory, 16 concurrent gradio_client users, and memory
+drift over 500 sequential requests. Needs ../shared/data (or --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pct(values, q):
+    return float(np.percentile(values, q) * 1000)
+
+
+def in_process(images: list[Path]) -> dict:
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from mura_demo.imaging import load_image
+    from mura_demo.predictor import Predictor
+    from mura_demo.preprocess import to_model_input
+
+    predictor = Predictor.from_spec(str(ROOT / "weights"))
+    model, layer, cfg = predictor.model, predictor.target_layer, predictor.config
+
+    def naive(path):
+        """Three separate library calls, each with its own forward and backward."""
+        image = load_image(path)
+        x, _ = to_model_input(image, cfg)
+        with torch.inference_mode():
+            part = predictor.route(model(x), "auto") or "forearm"
+        target = [ClassifierOutputTarget(cfg.abnormality_index(part))]
+        for cls in (GradCAM, GradCAMPlusPlus):
+            with cls(model, [layer]) as cam:
+                cam.compute_input_gradient = True
+                cam(x, target)
+        xg = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            model(xg)[0, cfg.abnormality_index(part)].backward()
+
+    runs = {
+        "predict": lambda p: predictor.predict(p),
+        "predict_and_3_maps": lambda p: predictor.analyze(p).overlays(),
+        "naive_3_library_calls": naive,
+    }
+    for fn in runs.values():  # warm-up
+        fn(images[0])
+    out = {}
+    for name, fn in runs.items():
+        times = []
+        for path in images:
+            t = time.perf_counter()
+            fn(path)
+            times.append(time.perf_counter() - t)
+        out[name] = {"median_ms": pct(times, 50), "p95_ms": pct(times, 95), "n": len(times)}
+    out["speedup_vs_naive"] = out["naive_3_library_calls"]["median_ms"] / out["predict_and_3_maps"]["median_ms"]
+    return out
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """Current and peak resident memory of a process, in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if ":" in line}
+    return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024
+
+
+def served(images: list[Path], users: int, per_user: int, sequential: int) -> dict:
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    out: dict = {}
+    try:
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                client.predict(handle_file(str(images[0])), "auto", api_name="/predict")
+                break
+            except Exception:
+                if proc.poll() is not None or time.perf_counter() - t0 > 180:
+                    raise RuntimeError("app did not start") from None
+                time.sleep(0.2)
+        out["cold_start_s"] = time.perf_counter() - t0
+
+        latencies, failures = [], []
+        lock = threading.Lock()
+
+        def user(k):
+            c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            for j in range(per_user):
+                path = images[(k * per_user + j) % len(images)]
+                t = time.perf_counter()
+                try:
+                    c.predict(handle_file(str(path)), "auto", "gradcam", api_name="/explain")
+                    with lock:
+                        latencies.append(time.perf_counter() - t)
+                except Exception as err:  # counted, reported
+                    with lock:
+                        failures.append(repr(err))
+
+        t = time.perf_counter()
+        threads = [threading.Thread(target=user, args=(k,)) for k in range(users)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        out["load"] = {"users": users, "requests": users * per_user, "failed": len(failures),
+                       "throughput_rps": len(latencies) / wall, "median_ms": pct(latencies, 50),
+                       "p95_ms": pct(latencies, 95)}  # fmt: skip
+
+        rss = []
+        for i in range(sequential):
+            client.predict(handle_file(str(images[i % len(images)])), "auto", "gradcam++", api_name="/explain")
+            if i + 1 in (20, sequential):
+                rss.append(rss_mb(proc.pid)[0])
+        out["memory"] = {"rss_after_20_mb": rss[0], f"rss_after_{sequential}_mb": rss[1],
+                         "drift_mb": rss[1] - rss[0], "peak_rss_mb": rss_mb(proc.pid)[1]}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=25)
+    parser.add_argument("--sequential", type=int, default=500)
+    parser.add_argument("--out", default="runs/bench.json")
+    args = parser.parse_args()
+    valid = sorted(Path(args.data, "MURA-v1.1", "valid").glob("*/*/*/*.png"))
+    if not valid:
+        print(f"no radiographs under {args.data}", file=sys.stderr)
+        return 2
+    images = valid[:: max(1, len(valid) // args.images)][: args.images]
+    result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "images": len(images)}
+    result["in_process"] = in_process(images)
+    result["served"] = served(images, args.users, args.requests, args.sequential)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    ip, sv = result["in_process"], result["served"]
+    rows = [
+        ("predict (body part + abnormality), median / p95",
+         f"{ip['predict']['median_ms']:.0f} / {ip['predict']['p95_ms']:.0f} ms"),
+        ("predict + 3 maps (shared pass), median / p95",
+         f"{ip['predict_and_3_maps']['median_ms']:.0f} / {ip['predict_and_3_maps']['p95_ms']:.0f} ms"),
+        ("naive: 3 separate library calls, median", f"{ip['naive_3_library_calls']['median_ms']:.0f} ms"),
+        ("speed-up of the shared pass", f"{ip['speedup_vs_naive']:.2f}x"),
+        ("cold start to first answer", f"{sv['cold_start_s']:.1f} s"),
+        (f"{sv['load']['users']} users x {args.requests} /explain: failed", str(sv["load"]["failed"])),
+        ("  throughput, p95 latency", f"{sv['load']['throughput_rps']:.1f} req/s, {sv['load']['p95_ms']:.0f} ms"),
+        ("peak resident memory (server)", f"{sv['memory']['peak_rss_mb']:.0f} MB"),
+        (f"memory drift, request 20 -> {args.sequential}", f"{sv['memory']['drift_mb']:+.0f} MB"),
+    ]  # fmt: skip
+    print("| measure | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

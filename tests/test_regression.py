@@ -1,0 +1,37 @@
+"""The shipped weights still reproduce the model card's study-level AUROC on MURA valid."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import BUNDLED, DATA, needs_data, needs_weights
+
+from mura_demo.data import load_images, mura_samples
+from mura_demo.inference import score_images
+from mura_demo.metrics import auroc, study_scores
+from mura_demo.weights import load_model
+
+pytestmark = [needs_data, needs_weights]
+
+
+def test_valid_study_auroc_matches_model_card():
+    loaded = load_model(str(BUNDLED))
+    config = loaded.config
+    claimed = config.metrics.get("valid")
+    if not claimed:
+        pytest.skip("config.json has no `valid` metrics yet (run `mura-demo evaluate --card`)")
+    card = (BUNDLED / "README.md").read_text()
+    samples = mura_samples(DATA, "valid")
+    _, ab = score_images(loaded.model, config, load_images(samples, config.input_size))
+    for part, numbers in claimed.items():
+        idx = [i for i, s in enumerate(samples) if s.body_parts == (part,)]
+        col = config.body_parts.index(part)
+        _, y, p = study_scores([samples[i].study for i in idx], [samples[i].abnormal for i in idx], ab[idx, col])
+        measured = auroc(y, p)
+        assert measured == pytest.approx(numbers["study_auroc"], abs=0.01), part
+        # the card's YAML metadata states the same figure
+        pattern = rf"MURA v1.1 valid \({part}\).*?value: ([0-9.]+)\}}"
+        assert float(re.search(pattern, card, re.S).group(1)) == pytest.approx(measured, abs=0.01)
+    assert json.loads((BUNDLED / "config.json").read_text())["trained"] is True

