@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_pred.add_argument("--threshold", type=float, default=None)
     p_pred.add_argument("--weights", default=None)
     p_pred.add_argument("--json", action="store_true")
+    p_pred.add_argument("--study", action="store_true", help="the images are views of one study")
     p_exp = sub.add_parser("explain", help="write explanation overlays as PNG")
     p_exp.add_argument("image")
     p_exp.add_argument("--method", default="gradcam,gradcam++,saliency")
@@ -97,7 +98,12 @@ def run(args, argv) -> int:
         from .predictor import Predictor
 
         predictor = Predictor.from_spec(args.weights)
-        if args.command == "predict":
+        if args.command == "predict" and args.study:
+            result = predictor.predict_study(args.images, args.body_part, args.threshold)
+            st = result["study"]
+            prob = "-" if st["abnormality_probability"] is None else f"{st['abnormality_probability']:.3f}"
+            print(json.dumps(result) if args.json else f"study\t{st['body_part']}\t{prob}\t{st['verdict']}")
+        elif args.command == "predict":
             for image in args.images:
                 p = predictor.predict(image, args.body_part, args.threshold)
                 if args.json:

@@ -145,7 +145,7 @@ def baseline_report(settings: EvalSettings, splits: dict, config: ModelConfig, n
             continue
 
         best = None
-        for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+        for l2 in (1e-3, 1e-2, 1e-1, 1.0):
             w, b = fit_logistic(*part_xy(feats["train"], meta["train"], rows["train"]), l2)
             _, hy, hp = study_probabilities(feats["holdout"], meta["holdout"], rows["holdout"], w, b)
             score = bootstrap_ci(hy, hp, 0.5, n_boot=0)["auroc"]["value"]

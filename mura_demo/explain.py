@@ -84,6 +84,9 @@ def explain(
     if unknown:
         raise ValueError(f"unknown explanation method(s) {unknown}; choose from {list(METHODS)}")
     maps: dict[str, np.ndarray] = {}
+    if not methods:
+        with torch.inference_mode():
+            return model(input_tensor), maps
     with torch.enable_grad(), SharedPassCAM(model, target_layer) as shared:
         logits, column = shared.run(input_tensor, choose_column)
         if column is None:

@@ -45,8 +45,6 @@ def describe_non_image(data: bytes) -> str:
     """A specific message for common files that are not images."""
     if data.startswith(b"%PDF"):
         return "This is a PDF document, not an image. Upload a PNG, JPEG, BMP or TIFF radiograph."
-    if data[128:132] == b"DICM":
-        return "This DICOM file could not be read as an image."
     return "This file is not an image that can be read. Upload a PNG, JPEG, BMP or TIFF radiograph."
 
 
@@ -66,9 +64,8 @@ def to_grey8(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """Decode an upload into an upright 8-bit greyscale PIL image, or raise ImageInputError."""
-    data = read_bytes(source)
+def decode_raster(data: bytes) -> Image.Image:
+    """PNG / JPEG / BMP / TIFF bytes -> an upright 8-bit greyscale image, or ImageInputError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -78,13 +75,7 @@ def load_image(source: str | Path | bytes) -> Image.Image:
                 raise ImageInputError(f"{fmt} images are not supported. Upload a PNG, JPEG, BMP or TIFF radiograph.")
             if getattr(image, "n_frames", 1) > 1 and fmt != "MPO":
                 raise ImageInputError("This file holds several frames. Upload one still radiograph.")
-            w, h = image.size
-            if w * h > MAX_PIXELS:
-                raise ImageInputError(f"The image is {w}x{h} pixels, over the {MAX_PIXELS // 10**6} megapixel limit.")
-            if min(w, h) < MIN_SIDE:
-                raise ImageInputError(
-                    f"The image is only {w}x{h} pixels. Upload a radiograph at least {MIN_SIDE} pixels on each side."
-                )
+            check_size(*image.size)
             image.load()
     except ImageInputError:
         raise
@@ -98,7 +89,42 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except (OSError, ValueError, KeyError, TypeError, SyntaxError):
         pass  # a broken EXIF block must not stop an otherwise readable image
-    grey = to_grey8(image)
-    if np.ptp(np.asarray(grey)) == 0:
+    return to_grey8(image)
+
+
+def check_size(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageInputError(f"The image is {width}x{height} pixels, over the {MAX_PIXELS // 10**6} megapixel limit.")
+    if min(width, height) < MIN_SIDE:
+        raise ImageInputError(
+            f"The image is only {width}x{height} pixels. Upload a radiograph at least {MIN_SIDE} pixels on each side."
+        )
+
+
+def check_content(image: Image.Image) -> Image.Image:
+    if np.ptp(np.asarray(image)) == 0:
         raise ImageInputError("The image is a single flat colour: there is nothing to analyse.")
-    return grey
+    return image
+
+
+def load_views(source: str | Path | bytes) -> list[Image.Image]:
+    """Every view in an upload: one for an image file, one per frame for a multi-frame DICOM."""
+    data = read_bytes(source)
+    if is_dicom(data, source):
+        from .dicom import dicom_views
+
+        return [check_content(view) for view in dicom_views(data)]
+    return [check_content(decode_raster(data))]
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Decode an upload holding one radiograph into an upright 8-bit greyscale image."""
+    views = load_views(source)
+    if len(views) > 1:
+        raise ImageInputError(f"This DICOM file holds {len(views)} frames: send it as a study to read every view.")
+    return views[0]
+
+
+def is_dicom(data: bytes, source) -> bool:
+    """A DICOM file: the 'DICM' marker after the 128-byte preamble, or a .dcm name."""
+    return data[128:132] == b"DICM" or (isinstance(source, str | Path) and str(source).lower().endswith(".dcm"))

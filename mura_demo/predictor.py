@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import OTHER
 from .explain import DEFAULT_METHODS, explain
-from .imaging import ImageInputError, load_image
+from .imaging import ImageInputError, load_image, load_views
 from .model import split_logits
 from .preprocess import Box, to_model_input
 from .render import overlay
@@ -95,27 +95,83 @@ class Predictor:
         self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
     ) -> Analysis:
         """Read, classify and explain one radiograph in a single forward/backward pass."""
-        body_part = self.check_body_part(body_part)
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ImageInputError("The decision threshold must lie strictly between 0 and 1.")
+        body_part, threshold = self.check_request(body_part, threshold)
         image = load_image(source)
         x, box = to_model_input(image, self.config)
 
         def choose(logits: torch.Tensor) -> int | None:
             part = self.route(logits, body_part)
-            return None if part is None or not methods else self.config.abnormality_index(part)
+            return None if part is None else self.config.abnormality_index(part)
 
         with self.lock:
-            if methods:
-                logits, maps = explain(self.model, self.target_layer, x, choose, methods)
-            else:
-                with torch.inference_mode():
-                    logits, maps = self.model(x), {}
+            logits, maps = explain(self.model, self.target_layer, x, choose, methods)
         return Analysis(self.interpret(logits, body_part, threshold), image, box, maps)
+
+    def check_request(self, body_part: str, threshold: float | None) -> tuple[str, float | None]:
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ImageInputError("The decision threshold must lie strictly between 0 and 1.")
+        return self.check_body_part(body_part), threshold
+
+    def predict_study(self, sources, body_part: str = AUTO, threshold: float | None = None) -> dict:
+        """Read several views of one study (multi-frame DICOM frames count as views).
+
+        The study's body part is the top class of the views' mean body-part probabilities (or the
+        user's choice); every view is read for that part and the study's probability is the mean of
+        the views', as in the MURA paper. Views that disagree on the part are listed, not hidden.
+        """
+        body_part, threshold = self.check_request(body_part, threshold)
+        views = [view for source in sources for view in load_views(source)]
+        if not views:
+            raise ImageInputError("A study needs at least one image.")
+        first = [self.predict_image(view, AUTO, threshold) for view in views]
+        mean_probs = {
+            c: float(np.mean([p.body_part_probabilities[c] for p in first])) for c in self.config.body_part_classes
+        }
+        part = body_part if body_part != AUTO else max(mean_probs, key=mean_probs.get)
+        disagreeing = [i for i, p in enumerate(first) if p.predicted_body_part != part]
+        if part == OTHER:
+            readings = first
+            study = {
+                "abnormality_probability": None,
+                "threshold": None,
+                "verdict": NOT_UPPER_EXTREMITY,
+                "validated": None,
+            }
+        else:
+            readings = [self.predict_image(view, part, threshold) for view in views]
+            p = float(np.mean([r.abnormality_probability for r in readings]))
+            t = float(threshold if threshold is not None else self.config.thresholds[part])
+            study = {
+                "abnormality_probability": round(p, 4),
+                "threshold": round(t, 4),
+                "verdict": "abnormal" if p >= t else "normal",
+                "validated": bool(self.config.validated[part]),
+            }
+        return {
+            "views": [r.to_dict() for r in readings],
+            "study": {
+                "body_part": None if part == OTHER else part,
+                "body_part_source": "model" if body_part == AUTO else "user",
+                "body_part_probabilities": {k: round(v, 4) for k, v in mean_probs.items()},
+                "views_disagreeing_on_body_part": disagreeing,
+                "n_views": len(views),
+                **study,
+                "model": self.config.architecture,
+                "weights_revision": self.loaded.revision,
+            },
+        }
+
+    def predict_image(self, image: Image.Image, body_part: str, threshold: float | None) -> Prediction:
+        """Prediction for an already decoded greyscale image."""
+        x, _ = to_model_input(image, self.config)
+        with self.lock, torch.inference_mode():
+            logits = self.model(x)
+        return self.interpret(logits, body_part, threshold)
 
     def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
         """Body part and abnormality only: one forward pass, no maps."""
-        return self.analyze(source, body_part, methods=(), threshold=threshold).prediction
+        body_part, threshold = self.check_request(body_part, threshold)
+        return self.predict_image(load_image(source), body_part, threshold)
 
     def interpret(self, logits: torch.Tensor, body_part: str, threshold: float | None) -> Prediction:
         cfg = self.config

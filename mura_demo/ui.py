@@ -3,6 +3,7 @@
 Named API endpoints (inputs in this order):
   /predict  (image file, body part or "auto")           -> JSON prediction
   /explain  (image file, body part, method)             -> overlay PNG
+  /predict_study (list of files, body part or "auto")   -> JSON: per-view list and the study result
 Bad input raises ``gr.Error`` with a specific message: a modal in the browser, a clean
 ``AppError`` for API clients, and the server keeps serving.
 """
@@ -82,7 +83,9 @@ def summary_markdown(analysis: Analysis) -> str:
 
 def model_markdown(predictor: Predictor) -> str:
     loaded, cfg = predictor.loaded, predictor.config
-    if loaded.source.startswith(HUB_PREFIX):
+    if cfg.model_card_url:
+        card = f"[model card]({cfg.model_card_url})"
+    elif loaded.source.startswith(HUB_PREFIX):
         card = f"[model card](https://huggingface.co/{loaded.source.removeprefix(HUB_PREFIX).split('@')[0]})"
     else:
         card = "model card: `weights/README.md` in the repository"
@@ -126,6 +129,14 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
 
+    def predict_study_api(uploads, body_part: str = AUTO) -> dict:
+        try:
+            if not uploads:
+                raise ImageInputError("No files were uploaded.")
+            return predictor.predict_study([consume_upload(u) for u in uploads], body_part)
+        except ImageInputError as err:
+            raise gr.Error(str(err)) from None
+
     def explain_api(upload, body_part: str = AUTO, method: str = "gradcam"):
         try:
             if method not in METHODS:
@@ -146,8 +157,8 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(
-                    label="Upper-extremity radiograph (PNG, JPEG, BMP, TIFF)",
-                    file_types=[".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"],
+                    label="Upper-extremity radiograph (PNG, JPEG, BMP, TIFF or DICOM)",
+                    file_types=[".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"],
                     type="filepath",
                 )
                 body_part = gr.Dropdown(choices, value=AUTO, label="Body part ('auto': let the model decide)")
@@ -189,7 +200,9 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             api_method = gr.Textbox(value="gradcam")
             api_json = gr.JSON()
             api_image = gr.Image(type="numpy", format="png")
+            api_files = gr.File(type="filepath", file_count="multiple")
             gr.Button().click(predict_api, [api_file, api_part], api_json, api_name="predict")
+            gr.Button().click(predict_study_api, [api_files, api_part], api_json, api_name="predict_study")
             gr.Button().click(explain_api, [api_file, api_part, api_method], api_image, api_name="explain")
     return demo
 

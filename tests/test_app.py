@@ -84,3 +84,18 @@ def test_uploads_are_not_kept(app, radiographs):
     call(client, radiographs["forearm_2"], "auto", api_name="/predict")
     kept = [p for p in temp.rglob("*") if p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data]
     assert kept == []
+
+
+def test_predict_study(app, radiographs):
+    from gradio_client import handle_file
+
+    client, _, _ = app
+    study = sorted(radiographs["humerus"].parent.glob("*.png"))
+    result = client.predict([handle_file(str(p)) for p in study], "auto", api_name="/predict_study")
+    assert len(result["views"]) == len(study) == result["study"]["n_views"]
+    st = result["study"]
+    if st["body_part"] is not None:
+        mean = sum(v["abnormality_probability"] for v in result["views"]) / len(study)
+        assert abs(st["abnormality_probability"] - mean) < 1e-3
+        assert st["verdict"] == ("abnormal" if st["abnormality_probability"] >= st["threshold"] else "normal")
+        assert all(v["body_part"] == st["body_part"] for v in result["views"])

@@ -1,0 +1,54 @@
+"""The command line on real files, and the data splits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import BUNDLED, DATA, ROOT, needs_data, needs_weights
+from PIL import Image
+
+from mura_demo.data import load_splits
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mura_demo", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+@needs_data
+def test_patients_never_straddle_splits():
+    splits = load_splits(DATA)
+    patients = {k: {(s.source, s.patient) for s in v} for k, v in splits.items()}
+    assert not patients["train"] & patients["holdout"]
+    assert not patients["train"] & patients["test"] and not patients["holdout"] & patients["test"]
+    assert all("/valid/" in str(s.path) for s in splits["test"] if s.source == "mura")
+    assert not any("/valid/" in str(s.path) for s in splits["train"] + splits["holdout"])
+    assert 0.1 < len(splits["holdout"]) / (len(splits["train"]) + len(splits["holdout"])) < 0.2
+
+
+@needs_data
+@needs_weights
+def test_predict_and_explain_commands(tmp_path, radiographs):
+    out = cli("predict", str(radiographs["forearm"]), str(radiographs["humerus"]), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["verdict"] in ("normal", "abnormal") for r in rows)
+    out = cli("explain", str(radiographs["humerus"]), "--out", str(tmp_path), "--body-part", "humerus")
+    assert out.returncode == 0, out.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 3 and all(Image.open(tmp_path / n).mode == "RGB" for n in written)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    out = cli("predict", str(bad))
+    assert out.returncode == 2 and "empty" in out.stderr
+
+
+@needs_weights
+def test_upload_dry_run_checks_the_folder():
+    out = cli("upload", "team/mura-demo", "--weights", str(BUNDLED), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "would upload model.safetensors" in out.stdout and "would upload README.md" in out.stdout
+    size = (BUNDLED / "model.safetensors").stat().st_size
+    assert size < 10 * 2**20  # a Hub repo takes it without LFS
