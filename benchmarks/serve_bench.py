@@ -79,8 +79,11 @@ def in_process(images: list[Path]) -> dict:
 
 def rss_mb(pid: int) -> tuple[float, float]:
     """Current and peak resident memory of a process, in MB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if ":" in line}
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = value.split()[0]
     return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024
 
 
@@ -163,6 +166,7 @@ def main() -> int:
     images = valid[:: max(1, len(valid) // args.images)][: args.images]
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "images": len(images)}
     result["in_process"] = in_process(images)
+    print(json.dumps(result["in_process"]), flush=True)
     result["served"] = served(images, args.users, args.requests, args.sequential)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

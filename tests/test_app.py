@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from bad_inputs import bad_inputs
 from conftest import needs_data, needs_weights
@@ -82,8 +84,14 @@ def test_uploads_are_not_kept(app, radiographs):
     client, temp, _ = app
     data = radiographs["forearm_2"].read_bytes()
     call(client, radiographs["forearm_2"], "auto", api_name="/predict")
-    kept = [p for p in temp.rglob("*") if p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data]
-    assert kept == []
+
+    def kept():
+        return [p for p in temp.rglob("*") if p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data]
+
+    deadline = time.time() + 20  # the app runs with MURA_DEMO_UPLOAD_TTL=3 s
+    while kept() and time.time() < deadline:
+        time.sleep(0.5)
+    assert kept() == []
 
 
 def test_predict_study(app, radiographs):
@@ -99,3 +107,37 @@ def test_predict_study(app, radiographs):
         assert abs(st["abnormality_probability"] - mean) < 1e-3
         assert st["verdict"] == ("abnormal" if st["abnormality_probability"] >= st["threshold"] else "normal")
         assert all(v["body_part"] == st["body_part"] for v in result["views"])
+
+
+def test_upload_size_limit(app, radiographs, tmp_path):
+    client, _, _ = app
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"\x00" * (30 * 2**20))  # over the 25 MB upload limit
+    with pytest.raises(Exception, match=r"(?i)size|large|exceed|413"):
+        call(client, big, "auto", api_name="/predict")
+    assert call(client, radiographs["forearm"], "auto", api_name="/predict")["verdict"]
+
+
+def test_concurrent_identical_uploads_all_succeed(app, radiographs):
+    """Gradio stores identical uploads at one path: no request may pull it from under another."""
+    import threading
+
+    from gradio_client import Client
+
+    _, _, url = app
+    errors = []
+
+    def user():
+        c = Client(url, verbose=False)
+        for _ in range(3):
+            try:
+                call(c, radiographs["humerus"], "auto", "gradcam", api_name="/explain")
+            except Exception as err:
+                errors.append(repr(err))
+
+    threads = [threading.Thread(target=user) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -139,3 +139,23 @@ def test_pickle_checkpoints_are_not_read(tmp_path):
     (folder / WEIGHTS_NAME).write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle header
     with pytest.raises(WeightsError, match="corrupt"):
         load_folder(folder)
+
+
+def test_unwritable_cache_falls_back_with_a_clear_notice(hub, tmp_path):
+    """A fresh process whose HF_HUB_CACHE cannot be created (it lies under a regular file)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    hub.publish("team/mura-cache", bundled_files())
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(blocker / "cache"), "PYTHONPATH": str(ROOT)}
+    code = "from mura_demo.weights import load_model; print(load_model('hf://team/mura-cache@main').notice)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cannot be written" in out.stdout and "bundled" in out.stdout
