@@ -194,7 +194,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
                 threshold = gr.Number(
-                    value=None, minimum=0, maximum=1, label="Decision threshold (empty: the part's calibrated one)"
+                    value=0, minimum=0, maximum=1, label="Decision threshold (0: the part's calibrated one)"
                 )
                 run = gr.Button("Analyse", variant="primary")
                 if examples_dir and Path(examples_dir).is_dir():
