@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from .explain import DEFAULT_METHODS, METHODS
 from .imaging import ImageInputError, read_bytes
@@ -56,6 +57,16 @@ def read_upload(upload) -> bytes:
     if upload is None:
         raise ImageInputError("No file was uploaded.")
     return read_bytes(Path(upload if isinstance(upload, str | os.PathLike) else upload.name))
+
+
+def png_file(rgb) -> str:
+    """Write an overlay as PNG into the (swept) upload folder; fast zlib level, as Gradio's own
+    PNG encoding (level 6) took a quarter of a request's server time."""
+    folder = upload_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as fh:
+        Image.fromarray(rgb).save(fh, format="PNG", compress_level=1)
+    return fh.name
 
 
 def sweep_uploads(folder: Path, max_age: float) -> int:
@@ -150,7 +161,8 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         p = analysis.prediction
         overlays = analysis.overlays(opacity, colormap) if analysis.maps else {}
         label = {k: v for k, v in p.body_part_probabilities.items()}
-        return (summary_markdown(analysis), label, *(overlays.get(m) for m in DEFAULT_METHODS), p.to_dict())
+        maps = [png_file(overlays[m]) if m in overlays else None for m in DEFAULT_METHODS]
+        return (summary_markdown(analysis), label, *maps, p.to_dict())
 
     def predict_api(upload, body_part: str = AUTO) -> dict:
         try:
@@ -178,7 +190,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 )
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
-        return analysis.overlays()[method]
+        return png_file(analysis.overlays()[method])
 
     with gr.Blocks(title="MURA demo: explainable abnormality detection") as demo:
         gr.Markdown("# MURA demo: body part, abnormality and why\n" + DISCLAIMER)
@@ -207,8 +219,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                     maps = [
                         gr.Image(
                             label=METHOD_LABELS[m],
-                            type="numpy",
-                            format="png",
+                            type="filepath",
                             interactive=False,
                             elem_id=f"map-{m.replace('+', 'p')}",
                         )
@@ -231,7 +242,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             api_part = gr.Textbox(value=AUTO)
             api_method = gr.Textbox(value="gradcam")
             api_json = gr.JSON()
-            api_image = gr.Image(type="numpy", format="png")
+            api_image = gr.Image(type="filepath")
             api_files = gr.File(type="filepath", file_count="multiple")
             gr.Button().click(predict_api, [api_file, api_part], api_json, api_name="predict")
             gr.Button().click(predict_study_api, [api_files, api_part], api_json, api_name="predict_study")
