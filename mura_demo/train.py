@@ -149,16 +149,23 @@ class Losses:
         return bp_loss + ab_loss
 
 
-def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
-    """Study-level AUROC per part with labels, and body-part accuracy, on the holdout."""
-    report: dict = {"auroc": {}}
+def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
+    """Per body part with abnormality labels: study-level (labels, mean probabilities) of that part's logit."""
+    out = {}
     for part in config.body_parts:
         idx = [i for i, s in enumerate(samples) if s.abnormal is not None and s.body_parts == (part,)]
-        if not idx:
-            continue
-        col = config.body_parts.index(part)
-        _, y, p = study_scores([samples[i].study for i in idx], [samples[i].abnormal for i in idx], ab_prob[idx, col])
-        report["auroc"][part] = auroc(y, p)
+        if idx:
+            col = config.body_parts.index(part)
+            studies, labels = [samples[i].study for i in idx], [samples[i].abnormal for i in idx]
+            out[part] = study_scores(studies, labels, ab_prob[idx, col])[1:]
+    return out
+
+
+def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
+    """Study-level AUROC per part with labels, and body-part accuracy, on the holdout."""
+    report: dict = {
+        "auroc": {part: auroc(y, p) for part, (y, p) in part_study_scores(config, samples, ab_prob).items()}
+    }
     predicted = [config.body_part_classes[i] for i in bp_prob.argmax(1).tolist()]
     report["body_part_accuracy"] = float(np.mean([p in s.body_parts for p, s in zip(predicted, samples)]))
     report["score"] = float(np.mean(list(report["auroc"].values()))) if report["auroc"] else 0.0
@@ -335,12 +342,9 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     load_model_tensors(model, load_file(best_path))
     bp_prob, ab_prob = score_images(model, config, holdout_images)
     holdout_metrics = {}
-    for part in losses.parts_with_labels:
-        idx = [i for i, s in enumerate(holdout) if s.abnormal is not None and s.body_parts == (part,)]
-        if not idx:
+    for part, (y, p) in part_study_scores(config, holdout, ab_prob).items():
+        if part not in losses.parts_with_labels:
             continue
-        col = config.body_parts.index(part)
-        _, y, p = study_scores([holdout[i].study for i in idx], [holdout[i].abnormal for i in idx], ab_prob[idx, col])
         config.thresholds[part] = best_kappa_threshold(y, p)
         config.validated[part] = True
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
