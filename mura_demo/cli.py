@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--body-part", default="auto")
     p_exp.add_argument("--out", required=True)
     p_exp.add_argument("--weights", default=None)
+    p_batch = sub.add_parser("batch", help="predict a folder tree: predictions.csv, studies.csv, heatmaps/")
+    p_batch.add_argument("folder")
+    p_batch.add_argument("--out", required=True)
+    p_batch.add_argument("--body-part", default="auto")
+    p_batch.add_argument("--method", default="gradcam", help="comma-separated maps to save")
+    p_batch.add_argument("--weights", default=None)
     return parser
 
 
@@ -94,6 +100,13 @@ def run(args, argv) -> int:
 
         for line in upload(args.weights, args.repo_id, dry_run=args.dry_run, revision=args.revision):
             print(("would upload " if args.dry_run else "uploaded ") + line)
+    elif args.command == "batch":
+        from .batch import run_batch
+        from .predictor import Predictor
+
+        methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+        counts = run_batch(Predictor.from_spec(args.weights), args.folder, args.out, args.body_part, methods)
+        print(json.dumps(counts))
     elif args.command in ("predict", "explain"):
         from .predictor import Predictor
 

@@ -52,3 +52,34 @@ def test_upload_dry_run_checks_the_folder():
     assert "would upload model.safetensors" in out.stdout and "would upload README.md" in out.stdout
     size = (BUNDLED / "model.safetensors").stat().st_size
     assert size < 10 * 2**20  # a Hub repo takes it without LFS
+
+
+@needs_data
+@needs_weights
+def test_batch_writes_csvs_heatmaps_and_resumes(tmp_path):
+    import csv
+    import shutil
+
+    tree = tmp_path / "tree"
+    studies = sorted((DATA / "MURA-v1.1" / "valid" / "XR_HUMERUS").glob("*/study1_*"))[:2]
+    for study in studies:
+        shutil.copytree(study, tree / study.parent.name / study.name)
+    (tree / "broken.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    first = cli("batch", str(tree), "--out", str(out), "--method", "gradcam,saliency")
+    assert first.returncode == 0, first.stderr
+    n_images = sum(len(list(s.glob("*.png"))) for s in studies)
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == n_images and all(r["verdict"] in ("normal", "abnormal") for r in rows)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2 * n_images
+    assert "broken.png" in (out / "skipped.log").read_text()
+    with open(out / "studies.csv", newline="") as fh:
+        study_rows = list(csv.DictReader(fh))
+    assert len(study_rows) == len(studies)
+    assert {r["label"] for r in study_rows} <= {"0", "1"}
+    # resuming: images already in predictions.csv are not done again
+    second = cli("batch", str(tree), "--out", str(out))
+    assert second.returncode == 0 and json.loads(second.stdout.splitlines()[-1])["resumed"] == n_images
+    with open(out / "predictions.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == n_images
