@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .explain import method_slug
 from .imaging import ImageInputError
 from .predictor import AUTO, Predictor
 
@@ -30,7 +31,7 @@ def find_images(folder: Path) -> list[Path]:
 
 
 def heatmap_name(relative: Path, method: str) -> str:
-    return "__".join(relative.with_suffix("").parts) + f"_{method.replace('+', 'p')}.png"
+    return "__".join(relative.with_suffix("").parts) + f"_{method_slug(method)}.png"
 
 
 def run_batch(predictor: Predictor, folder, out, body_part: str = AUTO, methods=("gradcam",)) -> dict:
@@ -102,6 +103,5 @@ def write_studies(predictor: Predictor, predictions: Path, path: Path) -> None:
                 continue
             part = parts.most_common(1)[0][0]
             prob = float(np.mean([float(r["abnormality_probability"]) for r in rows if r["body_part"] == part]))
-            threshold = predictor.config.thresholds[part]
-            verdict = "abnormal" if prob >= threshold else "normal"
+            threshold, verdict = predictor.decide(part, prob, None)
             writer.writerow([study, len(rows), part, round(prob, 4), round(threshold, 4), verdict, label])

@@ -125,6 +125,15 @@ def load_splits(data_root: str | Path) -> dict[str, list[Sample]]:
     return splits
 
 
+def abnormality_rows(samples: list[Sample], parts: tuple[str, ...]) -> dict[str, list[int]]:
+    """Indices of the images of each part that carry an abnormality label (parts without any are left out)."""
+    rows: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        if s.abnormal is not None and len(s.body_parts) == 1 and s.body_parts[0] in parts:
+            rows.setdefault(s.body_parts[0], []).append(i)
+    return {part: rows[part] for part in parts if part in rows}
+
+
 def load_images(samples: list[Sample], size: int) -> torch.Tensor:
     """Decode and letterbox every sample once: a uint8 (N, 1, size, size) tensor kept in memory."""
     out = torch.empty((len(samples), 1, size, size), dtype=torch.uint8)

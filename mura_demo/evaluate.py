@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .config import OTHER, ModelConfig
-from .data import Sample, load_images, load_splits
+from .data import Sample, abnormality_rows, load_images, load_splits
 from .inference import score_images
-from .metrics import best_kappa_threshold, bootstrap_ci, cohen_kappa, roc_curve, study_scores
+from .metrics import auroc, best_kappa_threshold, bootstrap_ci, cohen_kappa, roc_curve, study_scores
 from .model import create_model
 from .preprocess import normalize
 from .weights import load_model
@@ -39,10 +39,7 @@ def abnormality_report(config: ModelConfig, samples: list[Sample], probs: np.nda
     """Metrics per part and overall, at image and study level. ``probs`` is (N, parts)."""
     report, curves = {}, {}
     pooled = {"image": ([], [], []), "study": ([], [], [])}  # labels, predictions, probabilities
-    for part in config.body_parts:
-        idx = [i for i, s in enumerate(samples) if s.abnormal is not None and s.body_parts == (part,)]
-        if not idx:
-            continue
+    for part, idx in abnormality_rows(samples, config.body_parts).items():
         col = config.body_parts.index(part)
         y = np.array([samples[i].abnormal for i in idx])
         p = probs[idx, col]
@@ -139,16 +136,16 @@ def baseline_report(settings: EvalSettings, splits: dict, config: ModelConfig, n
     mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-6
     feats = {k: (v - mu) / sd for k, v in feats.items()}
     report = {"description": f"frozen ImageNet {config.architecture} features + logistic regression"}
+    rows_by_split = {k: abnormality_rows(v, config.body_parts) for k, v in meta.items()}
     for part in config.body_parts:
-        rows = {k: [i for i, s in enumerate(meta[k]) if s.body_parts == (part,)] for k in meta}
+        rows = {k: r.get(part) for k, r in rows_by_split.items()}
         if not all(rows.values()):
             continue
-
         best = None
         for l2 in (1e-3, 1e-2, 1e-1, 1.0):
             w, b = fit_logistic(*part_xy(feats["train"], meta["train"], rows["train"]), l2)
             _, hy, hp = study_probabilities(feats["holdout"], meta["holdout"], rows["holdout"], w, b)
-            score = bootstrap_ci(hy, hp, 0.5, n_boot=0)["auroc"]["value"]
+            score = auroc(hy, hp)
             if best is None or score > best[0]:
                 best = (score, l2, w, b, best_kappa_threshold(hy, hp))
         _, l2, w, b, t = best

@@ -32,6 +32,11 @@ DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency")
 METHODS = (*DEFAULT_METHODS, *[m for m in SHARED_PASS_METHODS if m not in DEFAULT_METHODS], *SEPARATE_PASS_METHODS)
 
 
+def method_slug(method: str) -> str:
+    """A method name safe in file names and HTML ids ("gradcam++" -> "gradcampp")."""
+    return method.replace("+", "p")
+
+
 class SharedPassCAM(BaseCAM):
     """One forward/backward pass whose activations, gradients and input gradient feed many maps."""
 

@@ -123,7 +123,8 @@ class Predictor:
         views = [view for source in sources for view in load_views(source)]
         if not views:
             raise ImageInputError("A study needs at least one image.")
-        first = [self.predict_image(view, AUTO, threshold) for view in views]
+        logits = [self.view_logits(view) for view in views]  # one forward pass per view
+        first = [self.interpret(lg, AUTO, threshold) for lg in logits]
         mean_probs = {
             c: float(np.mean([p.body_part_probabilities[c] for p in first])) for c in self.config.body_part_classes
         }
@@ -138,13 +139,13 @@ class Predictor:
                 "validated": None,
             }
         else:
-            readings = [self.predict_image(view, part, threshold) for view in views]
+            readings = [self.interpret(lg, part, threshold) for lg in logits]
             p = float(np.mean([r.abnormality_probability for r in readings]))
-            t = float(threshold if threshold is not None else self.config.thresholds[part])
+            t, verdict = self.decide(part, p, threshold)
             study = {
                 "abnormality_probability": round(p, 4),
                 "threshold": round(t, 4),
-                "verdict": "abnormal" if p >= t else "normal",
+                "verdict": verdict,
                 "validated": bool(self.config.validated[part]),
             }
         return {
@@ -161,17 +162,21 @@ class Predictor:
             },
         }
 
-    def predict_image(self, image: Image.Image, body_part: str, threshold: float | None) -> Prediction:
-        """Prediction for an already decoded greyscale image."""
+    def view_logits(self, image: Image.Image) -> torch.Tensor:
+        """The model output for an already decoded greyscale image (forward pass only)."""
         x, _ = to_model_input(image, self.config)
         with self.lock, torch.inference_mode():
-            logits = self.model(x)
-        return self.interpret(logits, body_part, threshold)
+            return self.model(x)
+
+    def decide(self, part: str, probability: float, threshold: float | None) -> tuple[float, str]:
+        """The threshold in force for ``part`` (the user's, else the calibrated one) and the verdict at it."""
+        t = float(threshold if threshold is not None else self.config.thresholds[part])
+        return t, "abnormal" if probability >= t else "normal"
 
     def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
         """Body part and abnormality only: one forward pass, no maps."""
         body_part, threshold = self.check_request(body_part, threshold)
-        return self.predict_image(load_image(source), body_part, threshold)
+        return self.interpret(self.view_logits(load_image(source)), body_part, threshold)
 
     def interpret(self, logits: torch.Tensor, body_part: str, threshold: float | None) -> Prediction:
         cfg = self.config
@@ -197,12 +202,12 @@ class Predictor:
                 **common,
             )
         p = float(ab_logits[0, cfg.body_parts.index(part)].sigmoid())
-        t = float(threshold if threshold is not None else cfg.thresholds[part])
+        t, verdict = self.decide(part, p, threshold)
         return Prediction(
             part,
             abnormality_probability=round(p, 4),
             threshold=round(t, 4),
-            verdict="abnormal" if p >= t else "normal",
+            verdict=verdict,
             validated=bool(cfg.validated[part]),
             **common,
         )

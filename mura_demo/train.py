@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .augment import augment
 from .config import OTHER, ModelConfig
-from .data import Sample, body_part_targets, load_images, load_splits
+from .data import Sample, abnormality_rows, body_part_targets, load_images, load_splits
 from .export import export_weights
 from .inference import score_images
 from .metrics import auroc, best_kappa_threshold, binary_metrics, study_scores
@@ -152,12 +152,10 @@ class Losses:
 def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
     """Per body part with abnormality labels: study-level (labels, mean probabilities) of that part's logit."""
     out = {}
-    for part in config.body_parts:
-        idx = [i for i, s in enumerate(samples) if s.abnormal is not None and s.body_parts == (part,)]
-        if idx:
-            col = config.body_parts.index(part)
-            studies, labels = [samples[i].study for i in idx], [samples[i].abnormal for i in idx]
-            out[part] = study_scores(studies, labels, ab_prob[idx, col])[1:]
+    for part, idx in abnormality_rows(samples, config.body_parts).items():
+        col = config.body_parts.index(part)
+        studies, labels = [samples[i].study for i in idx], [samples[i].abnormal for i in idx]
+        out[part] = study_scores(studies, labels, ab_prob[idx, col])[1:]
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .explain import DEFAULT_METHODS, METHODS
+from .explain import DEFAULT_METHODS, METHODS, method_slug
 from .imaging import ImageInputError, read_bytes
 from .predictor import AUTO, NOT_UPPER_EXTREMITY, Analysis, Predictor
 from .render import COLORMAPS
@@ -43,7 +43,6 @@ METHOD_LABELS = {
     "xgradcam": "XGradCAM",
     "layercam": "LayerCAM",
     "eigencam": "EigenCAM",
-    "scorecam": "ScoreCAM",
 }
 
 
@@ -221,7 +220,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                             label=METHOD_LABELS[m],
                             type="filepath",
                             interactive=False,
-                            elem_id=f"map-{m.replace('+', 'p')}",
+                            elem_id=f"map-{method_slug(m)}",
                         )
                         for m in DEFAULT_METHODS
                     ]

@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import BUNDLED, DATA, needs_data, needs_weights
 
-from mura_demo.data import load_images, mura_samples
+from mura_demo.data import abnormality_rows, load_images, mura_samples
 from mura_demo.inference import score_images
 from mura_demo.metrics import auroc, study_scores
 from mura_demo.weights import load_model
@@ -25,8 +25,9 @@ def test_valid_study_auroc_matches_model_card():
     card = (BUNDLED / "README.md").read_text()
     samples = mura_samples(DATA, "valid")
     _, ab = score_images(loaded.model, config, load_images(samples, config.input_size))
+    rows = abnormality_rows(samples, config.body_parts)
     for part, numbers in claimed.items():
-        idx = [i for i, s in enumerate(samples) if s.body_parts == (part,)]
+        idx = rows[part]
         col = config.body_parts.index(part)
         _, y, p = study_scores([samples[i].study for i in idx], [samples[i].abnormal for i in idx], ab[idx, col])
         measured = auroc(y, p)
