@@ -4,14 +4,16 @@
 
 In-process latency (median, p95) over real MURA radiographs for prediction alone and for
 prediction plus the three maps from one shared pass, against the naive way (three separate
-pytorch-grad-cam calls, each with its own forward and backward); then the real app over
-loopback: cold start, peak resident memory, 16 concurrent gradio_client users, and memory
-drift over 500 sequential requests. Needs ../shared/data (or --data).
+pytorch-grad-cam calls, each with its own forward and backward), and for two-view studies with
+their maps and the one-page PDF report; then the real app over loopback: cold start, peak
+resident memory, 16 concurrent gradio_client users, memory drift over 500 sequential requests,
+and one ScoreCAM request (its time and the peak memory after it). Needs ../shared/data (or --data).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -32,13 +34,14 @@ def pct(values, q):
     return float(np.percentile(values, q) * 1000)
 
 
-def in_process(images: list[Path]) -> dict:
+def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from mura_demo.imaging import load_image
     from mura_demo.predictor import Predictor
     from mura_demo.preprocess import to_model_input
+    from mura_demo.report import render_report
 
     predictor = Predictor.from_spec(str(ROOT / "weights"))
     model, layer, cfg = predictor.model, predictor.target_layer, predictor.config
@@ -74,6 +77,12 @@ def in_process(images: list[Path]) -> dict:
             times.append(time.perf_counter() - t)
         out[name] = {"median_ms": pct(times, 50), "p95_ms": pct(times, 95), "n": len(times)}
     out["speedup_vs_naive"] = out["naive_3_library_calls"]["median_ms"] / out["predict_and_3_maps"]["median_ms"]
+    times = []
+    for views in studies:
+        t = time.perf_counter()
+        render_report(predictor.analyze_study(views)).save(io.BytesIO(), format="PDF", resolution=150)
+        times.append(time.perf_counter() - t)
+    out["study_2_views_maps_pdf_report"] = {"median_ms": pct(times, 50), "p95_ms": pct(times, 95), "n": len(times)}
     return out
 
 
@@ -144,6 +153,9 @@ def served(images: list[Path], users: int, per_user: int, sequential: int) -> di
                 rss.append(rss_mb(proc.pid)[0])
         out["memory"] = {"rss_after_20_mb": rss[0], f"rss_after_{sequential}_mb": rss[1],
                          "drift_mb": rss[1] - rss[0], "peak_rss_mb": rss_mb(proc.pid)[1]}  # fmt: skip
+        t = time.perf_counter()
+        client.predict(handle_file(str(images[0])), "auto", "scorecam", api_name="/explain")
+        out["scorecam"] = {"seconds": time.perf_counter() - t, "peak_rss_after_mb": rss_mb(proc.pid)[1]}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -164,8 +176,10 @@ def main() -> int:
         print(f"no radiographs under {args.data}", file=sys.stderr)
         return 2
     images = valid[:: max(1, len(valid) // args.images)][: args.images]
+    folders = sorted({p.parent for p in images})
+    studies = [views[:2] for views in (sorted(f.glob("*.png")) for f in folders) if len(views) >= 2][:20]
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "images": len(images)}
-    result["in_process"] = in_process(images)
+    result["in_process"] = in_process(images, studies)
     print(json.dumps(result["in_process"]), flush=True)
     result["served"] = served(images, args.users, args.requests, args.sequential)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -178,11 +192,16 @@ def main() -> int:
          f"{ip['predict_and_3_maps']['median_ms']:.0f} / {ip['predict_and_3_maps']['p95_ms']:.0f} ms"),
         ("naive: 3 separate library calls, median", f"{ip['naive_3_library_calls']['median_ms']:.0f} ms"),
         ("speed-up of the shared pass", f"{ip['speedup_vs_naive']:.2f}x"),
+        ("study of 2 views + maps + PDF report, median / p95",
+         f"{ip['study_2_views_maps_pdf_report']['median_ms']:.0f} / "
+         f"{ip['study_2_views_maps_pdf_report']['p95_ms']:.0f} ms"),
         ("cold start to first answer", f"{sv['cold_start_s']:.1f} s"),
         (f"{sv['load']['users']} users x {args.requests} /explain: failed", str(sv["load"]["failed"])),
         ("  throughput, p95 latency", f"{sv['load']['throughput_rps']:.1f} req/s, {sv['load']['p95_ms']:.0f} ms"),
         ("peak resident memory (server)", f"{sv['memory']['peak_rss_mb']:.0f} MB"),
         (f"memory drift, request 20 -> {args.sequential}", f"{sv['memory']['drift_mb']:+.0f} MB"),
+        ("one ScoreCAM /explain; peak memory after it",
+         f"{sv['scorecam']['seconds']:.0f} s; {sv['scorecam']['peak_rss_after_mb']:.0f} MB"),
     ]  # fmt: skip
     print("| measure | value |\n|---|---|")
     for k, v in rows:

@@ -5,6 +5,8 @@ evaluate  score weights on held-out data (report, plots, optional model card)
 upload    publish a weights folder to a Hub model repo (--dry-run to check only)
 predict   body part, abnormality probability and verdict for images
 explain   write explanation overlays for an image
+report    a one-page report (PDF or PNG) for an image or the views of one study
+batch     predict a folder tree: predictions.csv, studies.csv and heatmaps
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--body-part", default="auto")
     p_exp.add_argument("--out", required=True)
     p_exp.add_argument("--weights", default=None)
+    p_rep = sub.add_parser("report", help="one-page report (PDF or PNG) for an image or one study's views")
+    p_rep.add_argument("images", nargs="+")
+    p_rep.add_argument("--out", required=True, help="report file, .pdf or .png")
+    p_rep.add_argument("--method", default="gradcam,gradcam++,saliency")
+    p_rep.add_argument("--body-part", default="auto")
+    p_rep.add_argument("--threshold", type=float, default=None)
+    p_rep.add_argument("--weights", default=None)
     p_batch = sub.add_parser("batch", help="predict a folder tree: predictions.csv, studies.csv, heatmaps/")
     p_batch.add_argument("folder")
     p_batch.add_argument("--out", required=True)
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(args, argv)
-    except (WeightsError, ImageInputError, FileNotFoundError) as err:
+    except (WeightsError, ImageInputError, FileNotFoundError, ValueError) as err:
         print(f"mura-demo: {err}", file=sys.stderr)
         return 2
 
@@ -107,11 +116,18 @@ def run(args, argv) -> int:
         methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
         counts = run_batch(Predictor.from_spec(args.weights), args.folder, args.out, args.body_part, methods)
         print(json.dumps(counts))
-    elif args.command in ("predict", "explain"):
+    elif args.command in ("predict", "explain", "report"):
         from .predictor import Predictor
 
         predictor = Predictor.from_spec(args.weights)
-        if args.command == "predict" and args.study:
+        if args.command == "report":
+            from .report import render_report, report_kind, save_report
+
+            report_kind(args.out)  # a wrong suffix fails before the work, not after
+            methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+            analysis = predictor.analyze_study(args.images, args.body_part, methods, args.threshold)
+            print(save_report(render_report(analysis), args.out))
+        elif args.command == "predict" and args.study:
             result = predictor.predict_study(args.images, args.body_part, args.threshold)
             st = result["study"]
             prob = "-" if st["abnormality_probability"] is None else f"{st['abnormality_probability']:.3f}"

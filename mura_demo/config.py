@@ -27,6 +27,7 @@ class ModelConfig:
     body_parts: tuple[str, ...] = BODY_PARTS
     cam_layer: str = "backbone.bn2"
     drop_rate: float = 0.2
+    test_time_flip: bool = False  # average the logits of the image and its mirror image
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
     validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
     version: str = "untrained"

@@ -19,7 +19,7 @@ import torch
 from .config import OTHER, ModelConfig
 from .data import Sample, abnormality_rows, load_images, load_splits
 from .inference import score_images
-from .metrics import auroc, best_kappa_threshold, bootstrap_ci, cohen_kappa, roc_curve, study_scores
+from .metrics import auroc, bootstrap_ci, cohen_kappa, cross_validated_threshold, roc_curve, study_scores
 from .model import create_model
 from .preprocess import normalize
 from .weights import load_model
@@ -144,11 +144,13 @@ def baseline_report(settings: EvalSettings, splits: dict, config: ModelConfig, n
         best = None
         for l2 in (1e-3, 1e-2, 1e-1, 1.0):
             w, b = fit_logistic(*part_xy(feats["train"], meta["train"], rows["train"]), l2)
-            _, hy, hp = study_probabilities(feats["holdout"], meta["holdout"], rows["holdout"], w, b)
+            studies, hy, hp = study_probabilities(feats["holdout"], meta["holdout"], rows["holdout"], w, b)
             score = auroc(hy, hp)
             if best is None or score > best[0]:
-                best = (score, l2, w, b, best_kappa_threshold(hy, hp))
-        _, l2, w, b, t = best
+                best = (score, l2, w, b, studies, hy, hp)
+        _, l2, w, b, studies, hy, hp = best
+        patient_of = {s.study: s.patient for s in meta["holdout"]}
+        t, _ = cross_validated_threshold(hy, hp, [patient_of[st] for st in studies])  # the model's rule
         _, ty, tp = study_probabilities(feats["test"], meta["test"], rows["test"], w, b)
         report[part] = {"l2": l2, "threshold": t, "study_level": bootstrap_ci(ty, tp, t, n_boot=n_boot)}
     return report

@@ -5,7 +5,8 @@ all need the same forward and backward pass. :class:`SharedPassCAM` runs that pa
 the library's own machinery (its hooks, registered and released in one place) and then applies
 each method's weighting from the library's class, so the maps equal what each class computes on
 its own (a test checks this) at a fraction of the cost. Methods that need passes of their own
-(EigenCAM) run through their library class directly.
+(EigenCAM; ScoreCAM, one forward pass per feature channel, so about a minute on a CPU) run
+through their library class (ScoreCAM with its masked inputs built a batch at a time).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+import torch.nn.functional as F
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -26,9 +28,37 @@ SHARED_PASS_METHODS: dict[str, type[BaseCAM]] = {
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
 }
-SEPARATE_PASS_METHODS: dict[str, type[BaseCAM]] = {"eigencam": EigenCAM}
+SLOW_METHODS = ("scorecam",)  # a minute per image on a CPU: callers may run them apart
 ColumnChooser = Callable[[torch.Tensor], "int | None"]
 DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency")
+
+
+class BatchedScoreCAM(ScoreCAM):
+    """The library's ScoreCAM, with the masked copies of the input built one batch at a time.
+
+    The library builds all of them at once (one per feature channel: 1,280 copies of the input,
+    over 1 GB at 256 px) before scoring them in batches; the weights here are the same numbers.
+    """
+
+    batch_size = 32
+
+    def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads) -> np.ndarray:
+        weights = []
+        with torch.no_grad():
+            for target, x, act in zip(targets, input_tensor, torch.from_numpy(activations)):
+                scores = []
+                for start in range(0, len(act), self.batch_size):
+                    maps = act[None, start : start + self.batch_size].to(x.device)
+                    maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=True)[0]
+                    low = maps.amin(dim=(1, 2), keepdim=True)
+                    high = maps.amax(dim=(1, 2), keepdim=True)
+                    masks = (maps - low) / (high - low + 1e-8)
+                    scores += [target(out).cpu().item() for out in self.model(x[None] * masks[:, None])]
+                weights.append(torch.softmax(torch.tensor(scores), dim=-1).numpy())
+        return np.stack(weights)
+
+
+SEPARATE_PASS_METHODS: dict[str, type[BaseCAM]] = {"eigencam": EigenCAM, "scorecam": BatchedScoreCAM}
 METHODS = (*DEFAULT_METHODS, *[m for m in SHARED_PASS_METHODS if m not in DEFAULT_METHODS], *SEPARATE_PASS_METHODS)
 
 

@@ -96,6 +96,33 @@ def best_kappa_threshold(labels, scores) -> float:
     return float(np.clip(candidates[int(np.argmax(kappas))], 1e-4, 1 - 1e-4))
 
 
+def cross_validated_threshold(labels, scores, groups, n_splits: int = 100, seed: int = 0) -> tuple[float, dict]:
+    """A decision threshold chosen by a rule that holds up on unseen patients.
+
+    Two rules compete: the kappa-maximising threshold of the data, and a fixed 0.5 (the training
+    losses balance the classes with pos_weight, so 0.5 is the cut without a prior). Over repeated
+    splits of the ``groups`` (patients) in half, each rule sets its threshold on one half and is
+    scored by Cohen's kappa on the other; the rule with the higher mean then sets the threshold on
+    all the data. On ~100 studies the kappa-maximising threshold alone fits noise.
+    Returns the threshold and each rule's mean held-out kappa.
+    """
+    y, s, g = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float), np.asarray(groups)
+    rules = {"max_kappa": best_kappa_threshold, "fixed_0.5": lambda *_: 0.5}
+    patients = np.unique(g)
+    rng = np.random.default_rng(seed)
+    held_out: dict[str, list[float]] = {name: [] for name in rules}
+    for _ in range(n_splits):
+        half = np.isin(g, rng.choice(patients, len(patients) // 2, replace=False))
+        if len(np.unique(y[half])) < 2 or len(np.unique(y[~half])) < 2:
+            continue
+        for name, rule in rules.items():
+            predicted = (s[~half] >= rule(y[half], s[half])).astype(int)
+            held_out[name].append(cohen_kappa(y[~half], predicted))
+    means = {name: float(np.mean(v)) if v else float("nan") for name, v in held_out.items()}
+    best = "fixed_0.5" if means["fixed_0.5"] > means["max_kappa"] else "max_kappa"
+    return float(np.clip(rules[best](y, s), 1e-4, 1 - 1e-4)), {"rule": best, "held_out_kappa": means}
+
+
 def bootstrap_ci(labels, scores, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
     """Point estimates and 95% percentile intervals of :func:`binary_metrics`.
 

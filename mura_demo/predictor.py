@@ -6,8 +6,10 @@ One lock guards the model, so concurrent requests never share hook state.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ import torch
 from PIL import Image
 
 from .config import OTHER
-from .explain import DEFAULT_METHODS, explain
+from .explain import DEFAULT_METHODS, SLOW_METHODS, explain
 from .imaging import ImageInputError, load_image, load_views
+from .inference import model_logits
 from .model import split_logits
 from .preprocess import Box, to_model_input
 from .render import overlay
@@ -24,6 +27,7 @@ from .weights import LoadedModel, load_model
 
 AUTO = "auto"
 NOT_UPPER_EXTREMITY = "not an upper-extremity radiograph"
+MAX_VIEWS = 12  # views per study (files, or frames of multi-frame DICOM)
 
 
 @dataclasses.dataclass
@@ -58,6 +62,18 @@ class Analysis:
         return {m: overlay(self.image, cam, self.box, opacity, colormap) for m, cam in self.maps.items()}
 
 
+@dataclasses.dataclass
+class StudyAnalysis:
+    """Several views of one study: each view's analysis and the study's reading of them."""
+
+    views: list[Analysis]
+    study: dict  # body part, mean probability, threshold, verdict, disagreeing views, model
+
+    def to_dict(self) -> dict:
+        """The API's JSON answer: a per-view list and the study result."""
+        return {"views": [v.prediction.to_dict() for v in self.views], "study": self.study}
+
+
 class Predictor:
     """Body part, abnormality and explanation maps for uploaded radiographs."""
 
@@ -67,6 +83,10 @@ class Predictor:
         self.config = loaded.config
         self.target_layer = self.model.get_submodule(self.config.cam_layer)
         self.lock = threading.Lock()
+        # Slow methods (ScoreCAM) run on their own copy of the model under their own lock, so one
+        # slow request never holds up the fast ones; they queue only behind each other.
+        self.slow_model = copy.deepcopy(self.model)
+        self.slow_lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: str | None = None) -> Predictor:
@@ -84,6 +104,11 @@ class Predictor:
             )
         return body_part
 
+    def check_request(self, body_part: str, threshold: float | None) -> tuple[str, float | None]:
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise ImageInputError("The decision threshold must lie strictly between 0 and 1.")
+        return self.check_body_part(body_part), threshold
+
     def route(self, logits: torch.Tensor, body_part: str) -> str | None:
         """The part to read abnormality from: the user's choice, else the model's (None: other)."""
         if body_part != AUTO:
@@ -94,79 +119,112 @@ class Predictor:
     def analyze(
         self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
     ) -> Analysis:
-        """Read, classify and explain one radiograph in a single forward/backward pass."""
+        """Read, classify and explain one radiograph (a single forward/backward pass for the fast maps)."""
         body_part, threshold = self.check_request(body_part, threshold)
-        image = load_image(source)
+        return self.analyze_view(load_image(source), body_part, methods, threshold)
+
+    def analyze_view(self, image: Image.Image, body_part: str, methods, threshold: float | None) -> Analysis:
+        """One decoded view (request already checked): the fast maps from one shared pass under the
+        model's lock, then the slow ones on the spare copy, for the column the answer routes to."""
         x, box = to_model_input(image, self.config)
 
-        def choose(logits: torch.Tensor) -> int | None:
+        def column_of(logits: torch.Tensor) -> int | None:
             part = self.route(logits, body_part)
             return None if part is None else self.config.abnormality_index(part)
 
+        fast = [m for m in methods if m not in SLOW_METHODS]
         with self.lock:
-            logits, maps = explain(self.model, self.target_layer, x, choose, methods)
+            answer = self.flip_partner(x)
+            logits, maps = explain(self.model, self.target_layer, x, lambda lg: column_of(answer(lg)), fast)
+        logits = answer(logits)
+        slow, column = [m for m in methods if m in SLOW_METHODS], column_of(logits)
+        if slow and column is not None:
+            layer = self.slow_model.get_submodule(self.config.cam_layer)
+            with self.slow_lock:
+                maps |= explain(self.slow_model, layer, x, lambda _: column, slow)[1]
         return Analysis(self.interpret(logits, body_part, threshold), image, box, maps)
 
-    def check_request(self, body_part: str, threshold: float | None) -> tuple[str, float | None]:
-        if threshold is not None and not 0.0 < threshold < 1.0:
-            raise ImageInputError("The decision threshold must lie strictly between 0 and 1.")
-        return self.check_body_part(body_part), threshold
+    def flip_partner(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Maps the logits of ``x`` to the model's answer: themselves, or their mean with the mirror
+        image's logits when the config asks for test-time flips (the maps explain ``x`` itself)."""
+        if not self.config.test_time_flip:
+            return lambda logits: logits
+        with torch.no_grad():
+            mirrored = self.model(x.flip(-1))
+        return lambda logits: (logits + mirrored) / 2
 
-    def predict_study(self, sources, body_part: str = AUTO, threshold: float | None = None) -> dict:
+    def analyze_study(
+        self, sources, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
+    ) -> StudyAnalysis:
         """Read several views of one study (multi-frame DICOM frames count as views).
 
         The study's body part is the top class of the views' mean body-part probabilities (or the
-        user's choice); every view is read for that part and the study's probability is the mean of
-        the views', as in the MURA paper. Views that disagree on the part are listed, not hidden.
+        user's choice); every view is read and explained for that part, and the study's probability
+        is the mean of the views', as in the MURA paper. Views that disagree on the part are listed.
         """
         body_part, threshold = self.check_request(body_part, threshold)
-        views = [view for source in sources for view in load_views(source)]
+        sources, views = list(sources), []
+        for number, source in enumerate(sources, 1):
+            try:
+                views += load_views(source)
+            except ImageInputError as err:
+                where = f"File {number} of {len(sources)}: " if len(sources) > 1 else ""
+                raise ImageInputError(f"{where}{err}") from None
         if not views:
             raise ImageInputError("A study needs at least one image.")
-        logits = [self.view_logits(view) for view in views]  # one forward pass per view
+        if len(views) > MAX_VIEWS:
+            raise ImageInputError(f"A study can have at most {MAX_VIEWS} views; this one has {len(views)}.")
+        logits = [self.view_logits(view) for view in views]
         first = [self.interpret(lg, AUTO, threshold) for lg in logits]
         mean_probs = {
             c: float(np.mean([p.body_part_probabilities[c] for p in first])) for c in self.config.body_part_classes
         }
         part = body_part if body_part != AUTO else max(mean_probs, key=mean_probs.get)
-        disagreeing = [i for i, p in enumerate(first) if p.predicted_body_part != part]
-        if part == OTHER:
-            readings = first
-            study = {
-                "abnormality_probability": None,
-                "threshold": None,
-                "verdict": NOT_UPPER_EXTREMITY,
-                "validated": None,
-            }
+        source = "model" if body_part == AUTO else "user"
+        if part == OTHER:  # nothing to read or explain: each view keeps its own answer
+            analyses = [Analysis(p, view, to_model_input(view, self.config)[1], {}) for p, view in zip(first, views)]
+        elif methods:  # a second pass per view, now that the part whose logit it explains is known
+            analyses = [self.analyze_view(view, part, methods, threshold) for view in views]
         else:
-            readings = [self.interpret(lg, part, threshold) for lg in logits]
-            p = float(np.mean([r.abnormality_probability for r in readings]))
-            t, verdict = self.decide(part, p, threshold)
-            study = {
-                "abnormality_probability": round(p, 4),
-                "threshold": round(t, 4),
-                "verdict": verdict,
-                "validated": bool(self.config.validated[part]),
-            }
-        return {
-            "views": [r.to_dict() for r in readings],
-            "study": {
-                "body_part": None if part == OTHER else part,
-                "body_part_source": "model" if body_part == AUTO else "user",
-                "body_part_probabilities": {k: round(v, 4) for k, v in mean_probs.items()},
-                "views_disagreeing_on_body_part": disagreeing,
-                "n_views": len(views),
-                **study,
-                "model": self.config.architecture,
-                "weights_revision": self.loaded.revision,
-            },
+            analyses = [
+                Analysis(self.interpret(lg, part, threshold), view, to_model_input(view, self.config)[1], {})
+                for lg, view in zip(logits, views)
+            ]
+        for a in analyses:
+            if part != OTHER:
+                a.prediction.body_part_source = source
+        study = {
+            "body_part": None if part == OTHER else part,
+            "body_part_source": source,
+            "body_part_probabilities": {k: round(v, 4) for k, v in mean_probs.items()},
+            "views_disagreeing_on_body_part": [i for i, p in enumerate(first) if p.predicted_body_part != part],
+            "n_views": len(views),
+            "abnormality_probability": None,
+            "threshold": None,
+            "verdict": NOT_UPPER_EXTREMITY,
+            "validated": None,
         }
+        if part != OTHER:
+            p = float(np.mean([a.prediction.abnormality_probability for a in analyses]))
+            t, verdict = self.decide(part, p, threshold)
+            study.update(
+                abnormality_probability=round(p, 4),
+                threshold=round(t, 4),
+                verdict=verdict,
+                validated=bool(self.config.validated[part]),
+            )
+        study.update(model=self.config.architecture, weights_revision=self.loaded.revision)
+        return StudyAnalysis(analyses, study)
+
+    def predict_study(self, sources, body_part: str = AUTO, threshold: float | None = None) -> dict:
+        """The study reading without maps, as JSON-serialisable data."""
+        return self.analyze_study(sources, body_part, (), threshold).to_dict()
 
     def view_logits(self, image: Image.Image) -> torch.Tensor:
         """The model output for an already decoded greyscale image (forward pass only)."""
         x, _ = to_model_input(image, self.config)
         with self.lock, torch.inference_mode():
-            return self.model(x)
+            return model_logits(self.model, self.config, x)
 
     def decide(self, part: str, probability: float, threshold: float | None) -> tuple[float, str]:
         """The threshold in force for ``part`` (the user's, else the calibrated one) and the verdict at it."""

@@ -10,6 +10,20 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from .preprocess import Box
 
 DISPLAY_MAX_SIDE = 768
+DISCLAIMER = (
+    "Research and teaching software only. Not a medical device. It must not be used for diagnosis, "
+    "triage or any clinical decision."
+)
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "saliency": "Saliency",
+    "hirescam": "HiResCAM",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM",
+    "scorecam": "ScoreCAM",
+}
 COLORMAPS = {
     "jet": cv2.COLORMAP_JET,
     "inferno": cv2.COLORMAP_INFERNO,

@@ -2,9 +2,11 @@
 
 Phase "heads" trains the two linear heads on frozen ImageNet features; phase "finetune"
 unfreezes the backbone (past its first blocks, with batch-norm statistics frozen) under a
-warm-up + cosine schedule. After every epoch the model is scored on a patient-level holdout of
-MURA ``train``; the best epoch by study-level AUROC is kept, per-part thresholds are chosen on
-that holdout, and the result is exported to a weights folder. MURA ``valid`` is never read here.
+warm-up + cosine schedule, keeping an exponential moving average (EMA) of the weights beside
+them. After every epoch both are scored on a patient-level holdout of MURA ``train``; the best
+by study-level AUROC is kept. On that holdout the run then decides whether test-time flips help
+and chooses per-part thresholds (by a rule cross-validated over its patients), and exports a
+weights folder. MURA ``valid`` is never read here.
 
 The same command runs under ``torchrun`` (DistributedDataParallel: NCCL on GPUs, gloo on CPUs):
 each rank trains on its shard of every epoch; rank 0 alone writes checkpoints and logs.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -34,7 +37,7 @@ from .config import OTHER, ModelConfig
 from .data import Sample, abnormality_rows, body_part_targets, load_images, load_splits
 from .export import export_weights
 from .inference import score_images
-from .metrics import auroc, best_kappa_threshold, binary_metrics, study_scores
+from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
 from .model import MuraNet, create_model, split_logits
 from .preprocess import normalize
 
@@ -59,6 +62,7 @@ class TrainSettings:
     warmup_steps: int = 30
     freeze_blocks: int = 2
     patience: int = 3
+    ema_decay: float = 0.995  # per step, finetune phase only; 0 turns the average off
     seed: int = 0
     limit: int | None = None  # smoke runs: at most this many train and holdout images
     max_steps: int | None = None  # smoke runs: at most this many steps per epoch
@@ -150,19 +154,19 @@ class Losses:
 
 
 def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
-    """Per body part with abnormality labels: study-level (labels, mean probabilities) of that part's logit."""
+    """Per body part with abnormality labels: study-level (studies, labels, mean probabilities) of its logit."""
     out = {}
     for part, idx in abnormality_rows(samples, config.body_parts).items():
         col = config.body_parts.index(part)
         studies, labels = [samples[i].study for i in idx], [samples[i].abnormal for i in idx]
-        out[part] = study_scores(studies, labels, ab_prob[idx, col])[1:]
+        out[part] = study_scores(studies, labels, ab_prob[idx, col])
     return out
 
 
 def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
     """Study-level AUROC per part with labels, and body-part accuracy, on the holdout."""
     report: dict = {
-        "auroc": {part: auroc(y, p) for part, (y, p) in part_study_scores(config, samples, ab_prob).items()}
+        "auroc": {part: auroc(y, p) for part, (_, y, p) in part_study_scores(config, samples, ab_prob).items()}
     }
     predicted = [config.body_part_classes[i] for i in bp_prob.argmax(1).tolist()]
     report["body_part_accuracy"] = float(np.mean([p in s.body_parts for p, s in zip(predicted, samples)]))
@@ -200,12 +204,12 @@ def unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def model_tensors(model: MuraNet) -> dict[str, torch.Tensor]:
-    return {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def model_tensors(model: MuraNet, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def load_model_tensors(model: MuraNet, tensors: dict[str, torch.Tensor]) -> None:
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+def load_model_tensors(model: MuraNet, tensors: dict[str, torch.Tensor], prefix: str = "model.") -> None:
+    model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
 
 
 def subsample(samples: list[Sample], limit: int | None) -> list[Sample]:
@@ -260,6 +264,7 @@ def train(settings: TrainSettings) -> MuraNet:
             continue
         params = set_phase(model, phase, settings.freeze_blocks)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+        ema = ModelEmaV3(model, decay=settings.ema_decay) if phase == "finetune" and settings.ema_decay else None
         total = epochs * steps
         warm = min(settings.warmup_steps, total // 4)
         start_epoch = 0
@@ -267,10 +272,14 @@ def train(settings: TrainSettings) -> MuraNet:
             tensors = load_file(ckpt_path)
             load_model_tensors(model, tensors)
             unflatten_optimizer(opt, tensors, meta["optimizer"])
+            if ema is not None:
+                load_model_tensors(ema.module, tensors, prefix="ema.")
             start_epoch = meta["epoch"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total), last_epoch=start_epoch * steps - 1)
         if resume and phase == "finetune" and meta["phase"] == "heads":
             load_model_tensors(model, load_file(ckpt_path))
+            if ema is not None:
+                load_model_tensors(ema.module, load_file(ckpt_path))
         resume = False
         net = dist.wrap(model)
         for epoch in range(start_epoch, epochs):
@@ -299,10 +308,11 @@ def train(settings: TrainSettings) -> MuraNet:
                 loss.backward()
                 opt.step()
                 sched.step()
+                if ema is not None:
+                    ema.update(model)
                 running += loss.item()
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
-            bp_prob, ab_prob = score_images(model, config, holdout_images)
-            report = holdout_report(config, holdout, bp_prob, ab_prob)
+            report = holdout_report(config, holdout, *score_images(model, config, holdout_images))
             row = {
                 "phase": phase,
                 "epoch": epoch + 1,
@@ -312,19 +322,26 @@ def train(settings: TrainSettings) -> MuraNet:
                 "holdout_body_part_accuracy": report["body_part_accuracy"],
                 "holdout_score": report["score"],
             }
+            candidate, label = model, f"{phase} {epoch + 1}"
+            if ema is not None:
+                ema_report = holdout_report(config, holdout, *score_images(ema.module, config, holdout_images))
+                row["holdout_score_ema"] = ema_report["score"]
+                if ema_report["score"] > report["score"]:
+                    report, candidate, label = ema_report, ema.module, f"{label} (EMA)"
             meta["history"].append(row)
             improved = report["score"] > meta["best_score"]
             if improved:
-                meta.update(best_score=report["score"], best_epoch=f"{phase} {epoch + 1}", stale=0)
+                meta.update(best_score=report["score"], best_epoch=label, stale=0)
             elif phase == "finetune":
                 meta["stale"] += 1
             meta.update(phase=phase, epoch=epoch + 1)
             set_phase(model, phase, settings.freeze_blocks)
             if dist.main:
                 if improved:
-                    save_file(model_tensors(model), best_path)
+                    save_file(model_tensors(candidate), best_path)
                 opt_tensors, opt_meta = flatten_optimizer(opt)
-                save_file({**model_tensors(model), **opt_tensors}, ckpt_path)
+                ema_tensors = model_tensors(ema.module, prefix="ema.") if ema is not None else {}
+                save_file({**model_tensors(model), **opt_tensors, **ema_tensors}, ckpt_path)
                 meta_path.write_text(json.dumps({**meta, "optimizer": opt_meta}, indent=1))
                 log(dist, json.dumps(row))
     if dist.main:
@@ -335,15 +352,24 @@ def train(settings: TrainSettings) -> MuraNet:
 
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
-    """Load the best epoch, choose per-part thresholds on the holdout, export the weights folder."""
+    """Load the best epoch; on the holdout, decide on test-time flips and choose per-part
+    thresholds; export the weights folder."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
-    bp_prob, ab_prob = score_images(model, config, holdout_images)
-    holdout_metrics = {}
-    for part, (y, p) in part_study_scores(config, holdout, ab_prob).items():
+    scores = {}
+    for flip in (False, True):
+        config.test_time_flip = flip
+        probs = score_images(model, config, holdout_images)
+        scores[flip] = (holdout_report(config, holdout, *probs)["score"], probs)
+    config.test_time_flip = scores[True][0] > scores[False][0]
+    bp_prob, ab_prob = scores[config.test_time_flip][1]
+    holdout_metrics, threshold_rules = {}, {}
+    patient_of = {s.study: s.patient for s in holdout}
+    for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels:
             continue
-        config.thresholds[part] = best_kappa_threshold(y, p)
+        patients = [patient_of[st] for st in studies]
+        config.thresholds[part], threshold_rules[part] = cross_validated_threshold(y, p, patients)
         config.validated[part] = True
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
     validated = [p for p in config.body_parts if config.validated[p]]
@@ -372,6 +398,9 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     config.training = {
         "settings": dataclasses.asdict(settings),
         "best_epoch": meta["best_epoch"],
+        "holdout_score_without_flip": scores[False][0],
+        "holdout_score_with_flip": scores[True][0],
+        "threshold_rules": threshold_rules,
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
     }

@@ -1,9 +1,11 @@
 """The Gradio interface: a thin layer over :class:`~mura_demo.predictor.Predictor`.
 
 Named API endpoints (inputs in this order):
-  /predict  (image file, body part or "auto")           -> JSON prediction
-  /explain  (image file, body part, method)             -> overlay PNG
-  /predict_study (list of files, body part or "auto")   -> JSON: per-view list and the study result
+  /predict  (image file, body part or "auto", threshold)             -> JSON prediction
+  /explain  (image file, body part, method)                          -> overlay PNG
+  /predict_study (list of files, body part or "auto", threshold)     -> JSON: per-view list and the study result
+  /report   (list of files, body part, "pdf" or "png", threshold)    -> one-page report file
+The threshold is optional; 0 (the default) means the body part's calibrated threshold.
 Bad input raises ``gr.Error`` with a specific message: a modal in the browser, a clean
 ``AppError`` for API clients, and the server keeps serving.
 """
@@ -21,29 +23,17 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from .explain import DEFAULT_METHODS, METHODS, method_slug
+from .explain import DEFAULT_METHODS, METHODS, SLOW_METHODS
 from .imaging import ImageInputError, read_bytes
-from .predictor import AUTO, NOT_UPPER_EXTREMITY, Analysis, Predictor
-from .render import COLORMAPS
+from .predictor import AUTO, Predictor, StudyAnalysis
+from .render import COLORMAPS, DISCLAIMER, METHOD_LABELS
+from .report import REPORT_FORMATS, reading_lines, render_report, save_report
 from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
 MAX_UPLOAD = "25mb"
 UPLOAD_TTL = 60.0  # seconds an uploaded file (or a served overlay) may stay in the upload folder
 UPLOAD_TTL_ENV = "MURA_DEMO_UPLOAD_TTL"
-DISCLAIMER = (
-    "**Research and teaching software only. Not a medical device.** It must not be used for diagnosis, "
-    "triage or any clinical decision."
-)
-METHOD_LABELS = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "saliency": "Saliency (input gradients)",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
-}
 
 
 def upload_folder() -> Path:
@@ -56,6 +46,26 @@ def read_upload(upload) -> bytes:
     if upload is None:
         raise ImageInputError("No file was uploaded.")
     return read_bytes(Path(upload if isinstance(upload, str | os.PathLike) else upload.name))
+
+
+def read_uploads(uploads) -> list[bytes]:
+    """The bytes of one or several uploads; an unreadable one is named in the error."""
+    if not uploads:
+        raise ImageInputError("No files were uploaded.")
+    data = []
+    for upload in uploads if isinstance(uploads, list) else [uploads]:
+        try:
+            data.append(read_upload(upload))
+        except ImageInputError as err:
+            name = Path(upload if isinstance(upload, str | os.PathLike) else upload.name).name
+            raise ImageInputError(f"{name}: {err}") from None
+    return data
+
+
+def report_file(page: Image.Image, kind: str) -> str:
+    """Write a report page into its own folder under the (swept) upload folder, with a plain name."""
+    folder = Path(tempfile.mkdtemp(dir=upload_folder(), prefix="report-"))
+    return str(save_report(page, folder / f"mura-demo-report.{kind}"))
 
 
 def png_file(rgb) -> str:
@@ -98,26 +108,23 @@ def start_upload_sweeper(folder: Path, max_age: float) -> threading.Thread:
     return thread
 
 
-def summary_markdown(analysis: Analysis) -> str:
-    p = analysis.prediction
-    if p.verdict == NOT_UPPER_EXTREMITY:
-        top = p.body_part_probabilities["other"]
-        return (
-            f"### This does not look like an upper-extremity radiograph\n"
-            f"The body-part model gives 'other' {top:.0%}. No abnormality reading is given. "
-            "If it is an upper-extremity radiograph, choose its body part to read it anyway."
-        )
-    lines = [
-        f"### {p.verdict.upper()}: abnormality probability {p.abnormality_probability:.1%}",
-        f"- Body part: **{p.body_part}** ({'chosen by you' if p.body_part_source == 'user' else 'detected'}, "
-        f"model gives it {p.body_part_probabilities[p.body_part]:.0%})",
-        f"- Decision threshold for {p.body_part}: {p.threshold:.3f} (abnormal at or above)",
-        "- Validated for this body part: "
-        + ("yes (held-out MURA data)" if p.validated else "**no**: no abnormality training data for this part"),
-    ]
-    if p.body_part_source == "user" and p.predicted_body_part != p.body_part:
-        lines.append(f"- Note: the body-part model's own answer is **{p.predicted_body_part}**")
-    return "\n".join(lines)
+def summary_markdown(study: dict) -> str:
+    """The study's reading (one view or several) as Markdown."""
+    lines = "\n".join(f"- {line}" for line in reading_lines(study))
+    if study["body_part"] is None:
+        return f"### This does not look like an upper-extremity radiograph\n{lines}"
+    return f"### {study['verdict'].upper()}\n{lines}"
+
+
+def views_rows(analysis: StudyAnalysis) -> list[list]:
+    """One row per view for the views table."""
+    rows = []
+    for i, view in enumerate(analysis.views):
+        p = view.prediction
+        prob = "" if p.abnormality_probability is None else f"{p.abnormality_probability:.1%}"
+        own = f"{p.predicted_body_part} ({p.body_part_probabilities[p.predicted_body_part]:.0%})"
+        rows.append([i + 1, own, p.body_part or "", prob, p.verdict])
+    return rows
 
 
 def model_markdown(predictor: Predictor) -> str:
@@ -138,42 +145,49 @@ def model_markdown(predictor: Predictor) -> str:
 
 
 def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Blocks:
-    """The full UI plus the /predict and /explain API endpoints."""
+    """The full UI plus the /predict, /explain, /predict_study and /report API endpoints."""
     choices = predictor.body_part_choices
 
-    def store_upload(upload):
-        """Read a new upload into this session's memory (the page keeps no file of it)."""
-        if upload is None:
+    def store_uploads(uploads):
+        """Read new uploads into this session's memory (the page keeps no file of them)."""
+        if not uploads:
             return None
         try:
-            return read_upload(upload)
+            return read_uploads(uploads)
         except ImageInputError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
 
-    def analyze_ui(data, body_part, opacity, colormap, threshold):
-        if data is None:
+    def study_of(data, body_part, methods, threshold) -> StudyAnalysis:
+        if not data:
             raise gr.Error("Upload a radiograph first.", title="No image")
         try:
-            analysis = predictor.analyze(data, body_part, DEFAULT_METHODS, threshold or None)
+            return predictor.analyze_study(data, body_part, tuple(methods or ()), threshold or None)
         except ImageInputError as err:
             raise gr.Error(str(err), title="Cannot analyse this file") from None
-        p = analysis.prediction
-        overlays = analysis.overlays(opacity, colormap) if analysis.maps else {}
-        label = {k: v for k, v in p.body_part_probabilities.items()}
-        maps = [png_file(overlays[m]) if m in overlays else None for m in DEFAULT_METHODS]
-        return (summary_markdown(analysis), label, *maps, p.to_dict())
 
-    def predict_api(upload, body_part: str = AUTO) -> dict:
+    def analyze_ui(data, body_part, methods, opacity, colormap, threshold):
+        analysis = study_of(data, body_part, methods, threshold)
+        gallery = [
+            (png_file(rgb), f"View {i + 1} · {METHOD_LABELS[m]}")
+            for i, view in enumerate(analysis.views)
+            for m, rgb in (view.overlays(opacity, colormap) if view.maps else {}).items()
+        ]
+        study = analysis.study
+        return summary_markdown(study), study["body_part_probabilities"], views_rows(analysis), gallery, study
+
+    def report_ui(data, body_part, methods, opacity, colormap, threshold, kind):
+        analysis = study_of(data, body_part, methods, threshold)
+        return report_file(render_report(analysis, opacity, colormap), kind)
+
+    def predict_api(upload, body_part: str = AUTO, threshold: float = 0.0) -> dict:
         try:
-            return predictor.predict(read_upload(upload), body_part).to_dict()
+            return predictor.predict(read_upload(upload), body_part, threshold or None).to_dict()
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
 
-    def predict_study_api(uploads, body_part: str = AUTO) -> dict:
+    def predict_study_api(uploads, body_part: str = AUTO, threshold: float = 0.0) -> dict:
         try:
-            if not uploads:
-                raise ImageInputError("No files were uploaded.")
-            return predictor.predict_study([read_upload(u) for u in uploads], body_part)
+            return predictor.predict_study(read_uploads(uploads), body_part, threshold or None)
         except ImageInputError as err:
             raise gr.Error(str(err)) from None
 
@@ -191,61 +205,86 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             raise gr.Error(str(err)) from None
         return png_file(analysis.overlays()[method])
 
+    def report_api(uploads, body_part: str = AUTO, kind: str = "pdf", threshold: float = 0.0):
+        try:
+            if kind not in REPORT_FORMATS:
+                raise ImageInputError(f"Unknown report format '{kind}'. Choose one of: {', '.join(REPORT_FORMATS)}.")
+            analysis = predictor.analyze_study(read_uploads(uploads), body_part, threshold=threshold or None)
+        except ImageInputError as err:
+            raise gr.Error(str(err)) from None
+        return report_file(render_report(analysis), kind)
+
     with gr.Blocks(title="MURA demo: explainable abnormality detection") as demo:
-        gr.Markdown("# MURA demo: body part, abnormality and why\n" + DISCLAIMER)
+        gr.Markdown(f"# MURA demo: body part, abnormality and why\n**{DISCLAIMER}**")
         gr.Markdown(model_markdown(predictor))
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(
-                    label="Upper-extremity radiograph (PNG, JPEG, BMP, TIFF or DICOM)",
+                    label="A radiograph, or several views of one study (PNG, JPEG, BMP, TIFF or DICOM)",
                     file_types=[".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"],
+                    file_count="multiple",
                     type="filepath",
                 )
                 body_part = gr.Dropdown(choices, value=AUTO, label="Body part ('auto': let the model decide)")
+                methods = gr.CheckboxGroup(
+                    [(METHOD_LABELS[m] + (" (slow: seconds a view)" if m in SLOW_METHODS else ""), m) for m in METHODS],
+                    value=list(DEFAULT_METHODS),
+                    label="Explanation methods",
+                )
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
-                threshold = gr.Number(
-                    value=0, minimum=0, maximum=1, label="Decision threshold (0: the part's calibrated one)"
+                threshold = gr.Slider(
+                    0.0, 0.99, value=0.0, step=0.01, label="Decision threshold (0: the body part's calibrated one)"
                 )
                 run = gr.Button("Analyse", variant="primary")
+                with gr.Row():
+                    kind = gr.Radio(list(REPORT_FORMATS), value="pdf", label="Report format", scale=1)
+                    make_report = gr.Button("Create one-page report", scale=1)
+                report = gr.File(label="Report (the link lasts about a minute; nothing is kept)", elem_id="report")
                 if examples_dir and Path(examples_dir).is_dir():
                     files = sorted(str(p) for p in Path(examples_dir).iterdir() if p.is_file())
-                    gr.Examples([[f] for f in files], inputs=[upload])
+                    gr.Examples([[[f]] for f in files], inputs=[upload])
             with gr.Column(scale=2):
                 summary = gr.Markdown("Upload a radiograph and press **Analyse**.", elem_id="summary")
                 parts = gr.Label(label="Body part probabilities", num_top_classes=4)
-                with gr.Row():
-                    maps = [
-                        gr.Image(
-                            label=METHOD_LABELS[m],
-                            type="filepath",
-                            interactive=False,
-                            elem_id=f"map-{method_slug(m)}",
-                        )
-                        for m in DEFAULT_METHODS
-                    ]
-                with gr.Accordion("Raw prediction (JSON)", open=False):
+                gallery = gr.Gallery(label="Explanation maps", columns=3, object_fit="contain", elem_id="maps")
+                views = gr.Dataframe(
+                    headers=["view", "its own body part", "read as", "abnormality probability", "verdict"],
+                    label="Views",
+                    interactive=False,
+                    elem_id="views",
+                )
+                with gr.Accordion("Raw study result (JSON)", open=False):
                     raw = gr.JSON()
         stored = gr.State(None)
-        inputs = [stored, body_part, opacity, colormap, threshold]
-        outputs = [summary, parts, *maps, raw]
-        upload.change(store_upload, upload, stored, api_name=False).success(analyze_ui, inputs, outputs, api_name=False)
-        run.click(analyze_ui, inputs, outputs, api_name=False)
-        for control in (body_part, colormap, threshold):
-            control.input(analyze_ui, inputs, outputs, api_name=False)
-        opacity.release(analyze_ui, inputs, outputs, api_name=False)
+        controls = [stored, body_part, methods, opacity, colormap, threshold]
+        outputs = [summary, parts, views, gallery, raw]
+        upload.change(store_uploads, upload, stored, api_name=False).success(
+            analyze_ui, controls, outputs, api_name=False
+        )
+        run.click(analyze_ui, controls, outputs, api_name=False)
+        for control in (body_part, methods, colormap):
+            control.input(analyze_ui, controls, outputs, api_name=False)
+        for control in (opacity, threshold):
+            control.release(analyze_ui, controls, outputs, api_name=False)
+        make_report.click(report_ui, [*controls, kind], report, api_name=False)
 
         # API-only endpoints: hidden components give them typed inputs and outputs.
         with gr.Group(visible=False):
             api_file = gr.File(type="filepath")
             api_part = gr.Textbox(value=AUTO)
             api_method = gr.Textbox(value="gradcam")
+            api_kind = gr.Textbox(value="pdf")
+            api_threshold = gr.Number(value=0.0)
             api_json = gr.JSON()
             api_image = gr.Image(type="filepath")
             api_files = gr.File(type="filepath", file_count="multiple")
-            gr.Button().click(predict_api, [api_file, api_part], api_json, api_name="predict")
-            gr.Button().click(predict_study_api, [api_files, api_part], api_json, api_name="predict_study")
+            api_report = gr.File(type="filepath")
+            gr.Button().click(predict_api, [api_file, api_part, api_threshold], api_json, api_name="predict")
+            study_inputs = [api_files, api_part, api_threshold]
+            gr.Button().click(predict_study_api, study_inputs, api_json, api_name="predict_study")
             gr.Button().click(explain_api, [api_file, api_part, api_method], api_image, api_name="explain")
+            gr.Button().click(report_api, [api_files, api_part, api_kind, api_threshold], api_report, api_name="report")
     return demo
 
 

@@ -103,7 +103,7 @@ def app(tmp_path_factory):
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_TEMP_DIR": str(temp),
         "GRADIO_ANALYTICS_ENABLED": "False",
-        "MURA_DEMO_UPLOAD_TTL": "3",
+        "MURA_DEMO_UPLOAD_TTL": "10",  # short, to see files go; long enough for a browser download
     }
     log = tmp_path_factory.mktemp("app-log") / "app.log"
     with open(log, "w") as fh:  # a file, not a pipe: a full pipe would block the server

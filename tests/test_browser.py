@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: upload a radiograph, wait for the verdict and the three maps."""
+"""End to end in headless Chromium: a radiograph, a study, a report and a bad file, as a user would."""
 
 from __future__ import annotations
 
@@ -29,23 +29,40 @@ def browser():
         b.close()
 
 
-def test_upload_shows_verdict_and_three_maps(app, browser, radiographs):
+def test_upload_study_report_and_bad_file(app, browser, radiographs):
     _, _, url = app
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     page.get_by_text("Not a medical device").first.wait_for(timeout=30_000)
-    page.locator("input[type=file]").first.set_input_files(str(radiographs["humerus"]))
+    upload = page.locator("input[type=file]").first
+    # one radiograph: the verdict and the three default maps
+    upload.set_input_files(str(radiographs["humerus"]))
     page.get_by_text("abnormality probability").first.wait_for(timeout=60_000)
-    for elem in ("map-gradcam", "map-gradcampp", "map-saliency"):
-        page.locator(f"#{elem} img").first.wait_for(timeout=30_000)
+    page.locator("#maps img").nth(2).wait_for(timeout=30_000)
     text = page.inner_text("body")
     assert "Body part:" in text and "Decision threshold" in text
+    # several views of one study: a study verdict and one table row per view
+    study = sorted(radiographs["forearm"].parent.glob("*.png"))
+    page.get_by_label("Clear").first.click()
+    upload.set_input_files([str(p) for p in study])
+    page.get_by_text(f"mean of {len(study)} views").first.wait_for(timeout=60_000)
+    page.locator("#maps img").nth(3 * len(study) - 1).wait_for(timeout=30_000)
+    rows = set(page.locator("#views tbody tr").all_inner_texts())  # Gradio renders a row twice to measure it
+    assert len(rows) == len(study) and all("forearm" in r for r in rows)
     shots = Path(os.environ.get("MURA_DEMO_SCREENSHOTS", tempfile.gettempdir()))
     page.screenshot(path=str(shots / "mura-demo-browser.png"), full_page=True)
+    # the one-page report of what is on screen
+    page.get_by_role("button", name="Create one-page report").click()
+    link = page.locator("#report a[download]").first
+    link.wait_for(timeout=60_000)
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == "mura-demo-report.pdf"
+    assert Path(download.value.path()).read_bytes()[:5] == b"%PDF-"
     # a bad file gets a clear message and the page keeps working
     bad = Path(tempfile.mkdtemp()) / "notes.png"
     bad.write_bytes(b"not an image at all" * 10)
-    page.get_by_label("Clear").first.click()  # remove the radiograph, then upload the bad file
-    page.locator("input[type=file]").first.set_input_files(str(bad))
+    page.get_by_label("Clear").first.click()
+    upload.set_input_files(str(bad))
     page.get_by_text("not an image that can be read").first.wait_for(timeout=30_000)
     page.close()

@@ -45,6 +45,20 @@ def test_predict_and_explain_commands(tmp_path, radiographs):
     assert out.returncode == 2 and "empty" in out.stderr
 
 
+@needs_data
+@needs_weights
+def test_report_command(tmp_path, radiographs):
+    study = sorted(radiographs["forearm"].parent.glob("*.png"))
+    out = cli("report", *map(str, study), "--out", str(tmp_path / "study.pdf"), "--method", "gradcam,layercam")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "study.pdf").read_bytes()[:5] == b"%PDF-"
+    out = cli("report", str(study[0]), "--out", str(tmp_path / "view.png"))
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "view.png").size == (1240, 1754)
+    out = cli("report", str(study[0]), "--out", str(tmp_path / "view.docx"))
+    assert out.returncode == 2 and "report format" in out.stderr
+
+
 @needs_weights
 def test_upload_dry_run_checks_the_folder():
     out = cli("upload", "team/mura-demo", "--weights", str(BUNDLED), "--dry-run")

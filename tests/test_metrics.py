@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk
 
-from mura_demo.metrics import auroc, binary_metrics, bootstrap_ci, cohen_kappa, roc_curve, study_scores
+from mura_demo.metrics import (
+    auroc,
+    binary_metrics,
+    bootstrap_ci,
+    cohen_kappa,
+    cross_validated_threshold,
+    roc_curve,
+    study_scores,
+)
 
 
 @pytest.fixture(params=[0, 1, 2])
@@ -60,3 +68,18 @@ def test_bootstrap_interval_contains_point(scored):
         lo, hi = v["ci95"]
         assert lo <= v["value"] <= hi
     assert 0.02 < ci["auroc"]["ci95"][1] - ci["auroc"]["ci95"][0] < 0.3
+
+
+def test_cross_validated_threshold_picks_the_rule_that_holds_up():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 120)
+    patients = np.repeat(np.arange(60), 2)  # two studies a patient
+    # scores whose best cut lies far from 0.5: the kappa-maximising rule must win there
+    shifted = np.where(y == 1, rng.uniform(0.8, 1.0, 120), rng.uniform(0.6, 0.8, 120))
+    t, info = cross_validated_threshold(y, shifted, patients)
+    assert info["rule"] == "max_kappa" and 0.75 < t < 0.85
+    assert info["held_out_kappa"]["max_kappa"] > info["held_out_kappa"]["fixed_0.5"]
+    # scores centred on 0.5 with much overlap: a tuned cut only chases noise, 0.5 holds up better
+    noisy = np.clip(0.5 + (y - 0.5) * 0.2 + rng.normal(0, 0.25, 120), 0, 1)
+    t, info = cross_validated_threshold(y, noisy, patients)
+    assert info["rule"] == "fixed_0.5" and t == 0.5

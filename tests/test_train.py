@@ -49,6 +49,9 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     assert not config["validated"]["wrist"]
     assert 0 < config["thresholds"]["forearm"] < 1
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert any(k.startswith("ema.") for k in load_file(tmp_path / "run" / "checkpoint.safetensors"))
+    training = config["training"]
+    assert config["test_time_flip"] == (training["holdout_score_with_flip"] > training["holdout_score_without_flip"])
     predictor = Predictor(load_model(str(tmp_path / "weights")))
     analysis = predictor.analyze(radiographs["forearm"], "auto")
     assert analysis.prediction.weights_revision == "smoke"
@@ -56,6 +59,7 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     train(smoke_settings(tmp_path, imagenet_init, epochs=2))
     history = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]
     assert [(r["phase"], r["epoch"]) for r in history] == [("heads", 1), ("finetune", 1), ("finetune", 2)]
+    assert all("holdout_score_ema" in r for r in history[1:])
 
 
 def test_refuses_to_train_from_scratch(tmp_path):

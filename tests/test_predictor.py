@@ -1,0 +1,89 @@
+"""The pipeline without Gradio: studies, test-time flips and the one-page report, on real radiographs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_data, needs_weights
+from PIL import Image
+
+from mura_demo.imaging import ImageInputError, load_image
+from mura_demo.predictor import MAX_VIEWS, Predictor
+from mura_demo.preprocess import to_model_input
+from mura_demo.report import PAGE, VERDICT_COLOURS, render_report, save_report
+
+pytestmark = [needs_weights, needs_data]
+
+
+@pytest.fixture(scope="module")
+def study(radiographs):
+    return sorted(radiographs["forearm"].parent.glob("*.png"))
+
+
+def predictor_with_flip(predictor, flip: bool) -> Predictor:
+    loaded = copy.copy(predictor.loaded)
+    loaded.config = copy.deepcopy(predictor.config)
+    loaded.config.test_time_flip = flip
+    return Predictor(loaded)
+
+
+def test_flip_averages_logits_of_image_and_mirror(predictor, radiographs):
+    plain, flipping = predictor_with_flip(predictor, False), predictor_with_flip(predictor, True)
+    image = load_image(radiographs["humerus"])
+    x, _ = to_model_input(image, predictor.config)
+    with torch.no_grad():
+        expected = (predictor.model(x) + predictor.model(x.flip(-1))) / 2
+        assert torch.allclose(plain.view_logits(image), predictor.model(x), atol=1e-5)
+    assert torch.allclose(flipping.view_logits(image), expected, atol=1e-5)
+    without = plain.predict(radiographs["humerus"], "humerus").abnormality_probability
+    flipped = flipping.predict(radiographs["humerus"], "humerus").abnormality_probability
+    # the maps path gives the same answer as the forward-only path, flips included
+    assert flipping.analyze(radiographs["humerus"], "humerus").prediction.abnormality_probability == flipped
+    assert flipped != without
+
+
+def test_study_reads_every_view_at_the_study_part(predictor, study):
+    analysis = predictor.analyze_study(study, "auto", ("gradcam", "saliency"))
+    st = analysis.study
+    assert st["n_views"] == len(study) == len(analysis.views) >= 2
+    assert st["body_part"] == "forearm"
+    for view, path in zip(analysis.views, study):
+        assert view.prediction.body_part == "forearm" and set(view.maps) == {"gradcam", "saliency"}
+        alone = predictor.analyze(path, "forearm", ())
+        assert abs(view.prediction.abnormality_probability - alone.prediction.abnormality_probability) < 1e-4
+    mean = np.mean([v.prediction.abnormality_probability for v in analysis.views])
+    assert abs(st["abnormality_probability"] - mean) < 1e-3
+    assert analysis.to_dict() == predictor.analyze_study(study, "auto", ()).to_dict()
+
+
+def test_study_errors_name_the_file_and_limit_views(predictor, study):
+    with pytest.raises(ImageInputError, match="File 2 of 2: The file is empty"):
+        predictor.analyze_study([study[0], b""], "auto")
+    with pytest.raises(ImageInputError, match=f"at most {MAX_VIEWS} views"):
+        predictor.analyze_study([study[0]] * (MAX_VIEWS + 1), "auto", ())
+
+
+def test_report_page_shows_the_verdict_and_every_picture(predictor, study, tmp_path):
+    methods = ("gradcam", "gradcam++", "saliency")
+    analysis = predictor.analyze_study(study, "auto", methods)
+    page = render_report(analysis)
+    assert page.size == PAGE and page.mode == "RGB"
+    pixels = np.asarray(page)
+    colour = VERDICT_COLOURS[analysis.study["verdict"]]
+    verdict_band = pixels[200:360]  # the verdict is written large under the disclaimer
+    assert (verdict_band == colour).all(-1).sum() > 200
+    # one row per view: the radiograph and its three maps, side by side
+    lit = (pixels.astype(int).sum(-1) < 600).sum(0)  # non-white pixels per column of the page
+    width = (PAGE[0] - 120) // (1 + len(methods))
+    for col in range(1 + len(methods)):
+        assert lit[60 + col * width + width // 3] > 100, col
+    pdf = save_report(page, tmp_path / "r.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    png = save_report(page, tmp_path / "r.png")
+    with Image.open(png) as im:
+        assert im.size == PAGE
+    with pytest.raises(ValueError, match="report format"):
+        save_report(page, tmp_path / "r.gif")
