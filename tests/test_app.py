@@ -72,7 +72,7 @@ def test_non_upper_extremity_gets_no_diagnosis(app, radiographs):
         call(client, radiographs["chest"], "auto", "gradcam", api_name="/explain")
 
 
-@pytest.mark.parametrize("method", METHODS)  # ScoreCAM included: about a minute on 2 cores
+@pytest.mark.parametrize("method", METHODS)  # ScoreCAM included: about 40 s on 2 cores
 def test_explain_each_method(app, radiographs, method):
     client, _, _ = app
     path = call(client, radiographs["humerus"], "humerus", method, api_name="/explain")
