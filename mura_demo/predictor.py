@@ -121,12 +121,16 @@ class Predictor:
     ) -> Analysis:
         """Read, classify and explain one radiograph (a single forward/backward pass for the fast maps)."""
         body_part, threshold = self.check_request(body_part, threshold)
-        return self.analyze_view(load_image(source), body_part, methods, threshold)
+        image = load_image(source)
+        return self.analyze_view(image, to_model_input(image, self.config), body_part, methods, threshold)
 
-    def analyze_view(self, image: Image.Image, body_part: str, methods, threshold: float | None) -> Analysis:
-        """One decoded view (request already checked): the fast maps from one shared pass under the
-        model's lock, then the slow ones on the spare copy, for the column the answer routes to."""
-        x, box = to_model_input(image, self.config)
+    def analyze_view(
+        self, image: Image.Image, model_input: tuple[torch.Tensor, Box], body_part: str, methods, threshold
+    ) -> Analysis:
+        """One decoded and preprocessed view (request already checked): the fast maps from one shared
+        pass under the model's lock, then the slow ones on the spare copy, for the column the answer
+        routes to."""
+        x, box = model_input
 
         def column_of(logits: torch.Tensor) -> int | None:
             part = self.route(logits, body_part)
@@ -174,24 +178,23 @@ class Predictor:
             raise ImageInputError("A study needs at least one image.")
         if len(views) > MAX_VIEWS:
             raise ImageInputError(f"A study can have at most {MAX_VIEWS} views; this one has {len(views)}.")
-        logits = [self.view_logits(view) for view in views]
+        inputs = [to_model_input(view, self.config) for view in views]
+        logits = [self.input_logits(x) for x, _ in inputs]
         first = [self.interpret(lg, AUTO, threshold) for lg in logits]
         mean_probs = {
             c: float(np.mean([p.body_part_probabilities[c] for p in first])) for c in self.config.body_part_classes
         }
         part = body_part if body_part != AUTO else max(mean_probs, key=mean_probs.get)
         source = "model" if body_part == AUTO else "user"
-        if part == OTHER:  # nothing to read or explain: each view keeps its own answer
-            analyses = [Analysis(p, view, to_model_input(view, self.config)[1], {}) for p, view in zip(first, views)]
-        elif methods:  # a second pass per view, now that the part whose logit it explains is known
-            analyses = [self.analyze_view(view, part, methods, threshold) for view in views]
-        else:
+        if part != OTHER and methods:  # a second pass per view, now that the explained part is known
+            analyses = [self.analyze_view(*view, part, methods, threshold) for view in zip(views, inputs)]
+        else:  # no maps; for 'other' each view keeps its own answer
             analyses = [
-                Analysis(self.interpret(lg, part, threshold), view, to_model_input(view, self.config)[1], {})
-                for lg, view in zip(logits, views)
+                Analysis(p if part == OTHER else self.interpret(lg, part, threshold), view, box, {})
+                for p, lg, view, (_, box) in zip(first, logits, views, inputs)
             ]
-        for a in analyses:
-            if part != OTHER:
+        if part != OTHER:
+            for a in analyses:
                 a.prediction.body_part_source = source
         study = {
             "body_part": None if part == OTHER else part,
@@ -220,9 +223,8 @@ class Predictor:
         """The study reading without maps, as JSON-serialisable data."""
         return self.analyze_study(sources, body_part, (), threshold).to_dict()
 
-    def view_logits(self, image: Image.Image) -> torch.Tensor:
-        """The model output for an already decoded greyscale image (forward pass only)."""
-        x, _ = to_model_input(image, self.config)
+    def input_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's answer for a preprocessed view (forward passes only, test-time flip included)."""
         with self.lock, torch.inference_mode():
             return model_logits(self.model, self.config, x)
 
@@ -234,7 +236,8 @@ class Predictor:
     def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
         """Body part and abnormality only: one forward pass, no maps."""
         body_part, threshold = self.check_request(body_part, threshold)
-        return self.interpret(self.view_logits(load_image(source)), body_part, threshold)
+        x, _ = to_model_input(load_image(source), self.config)
+        return self.interpret(self.input_logits(x), body_part, threshold)
 
     def interpret(self, logits: torch.Tensor, body_part: str, threshold: float | None) -> Prediction:
         cfg = self.config

@@ -277,9 +277,10 @@ def train(settings: TrainSettings) -> MuraNet:
             start_epoch = meta["epoch"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total), last_epoch=start_epoch * steps - 1)
         if resume and phase == "finetune" and meta["phase"] == "heads":
-            load_model_tensors(model, load_file(ckpt_path))
+            tensors = load_file(ckpt_path)
+            load_model_tensors(model, tensors)
             if ema is not None:
-                load_model_tensors(ema.module, load_file(ckpt_path))
+                load_model_tensors(ema.module, tensors)
         resume = False
         net = dist.wrap(model)
         for epoch in range(start_epoch, epochs):

@@ -13,6 +13,7 @@ Bad input raises ``gr.Error`` with a specific message: a modal in the browser, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -108,6 +109,15 @@ def start_upload_sweeper(folder: Path, max_age: float) -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def shown_to_user(title: str = "Error"):
+    """Bad input becomes ``gr.Error``: a modal in the browser, a clean ``AppError`` for API clients."""
+    try:
+        yield
+    except ImageInputError as err:
+        raise gr.Error(str(err), title=title) from None
+
+
 def summary_markdown(study: dict) -> str:
     """The study's reading (one view or several) as Markdown."""
     lines = "\n".join(f"- {line}" for line in reading_lines(study))
@@ -152,18 +162,14 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         """Read new uploads into this session's memory (the page keeps no file of them)."""
         if not uploads:
             return None
-        try:
+        with shown_to_user("Cannot read this file"):
             return read_uploads(uploads)
-        except ImageInputError as err:
-            raise gr.Error(str(err), title="Cannot read this file") from None
 
     def study_of(data, body_part, methods, threshold) -> StudyAnalysis:
         if not data:
             raise gr.Error("Upload a radiograph first.", title="No image")
-        try:
+        with shown_to_user("Cannot analyse this file"):
             return predictor.analyze_study(data, body_part, tuple(methods or ()), threshold or None)
-        except ImageInputError as err:
-            raise gr.Error(str(err), title="Cannot analyse this file") from None
 
     def analyze_ui(data, body_part, methods, opacity, colormap, threshold):
         analysis = study_of(data, body_part, methods, threshold)
@@ -180,19 +186,15 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         return report_file(render_report(analysis, opacity, colormap), kind)
 
     def predict_api(upload, body_part: str = AUTO, threshold: float = 0.0) -> dict:
-        try:
+        with shown_to_user():
             return predictor.predict(read_upload(upload), body_part, threshold or None).to_dict()
-        except ImageInputError as err:
-            raise gr.Error(str(err)) from None
 
     def predict_study_api(uploads, body_part: str = AUTO, threshold: float = 0.0) -> dict:
-        try:
+        with shown_to_user():
             return predictor.predict_study(read_uploads(uploads), body_part, threshold or None)
-        except ImageInputError as err:
-            raise gr.Error(str(err)) from None
 
     def explain_api(upload, body_part: str = AUTO, method: str = "gradcam"):
-        try:
+        with shown_to_user():
             if method not in METHODS:
                 raise ImageInputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
             analysis = predictor.analyze(read_upload(upload), body_part, (method,))
@@ -201,17 +203,13 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                     "This does not look like an upper-extremity radiograph, so there is no abnormality to explain. "
                     "Pass a body part instead of 'auto' to explain it anyway."
                 )
-        except ImageInputError as err:
-            raise gr.Error(str(err)) from None
         return png_file(analysis.overlays()[method])
 
     def report_api(uploads, body_part: str = AUTO, kind: str = "pdf", threshold: float = 0.0):
-        try:
+        with shown_to_user():
             if kind not in REPORT_FORMATS:
                 raise ImageInputError(f"Unknown report format '{kind}'. Choose one of: {', '.join(REPORT_FORMATS)}.")
             analysis = predictor.analyze_study(read_uploads(uploads), body_part, threshold=threshold or None)
-        except ImageInputError as err:
-            raise gr.Error(str(err)) from None
         return report_file(render_report(analysis), kind)
 
     with gr.Blocks(title="MURA demo: explainable abnormality detection") as demo:
