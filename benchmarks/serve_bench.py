@@ -47,11 +47,11 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     model, layer, cfg = predictor.model, predictor.target_layer, predictor.config
 
     def naive(path):
-        """Three separate library calls, each with its own forward and backward."""
+        """The same answer (every pass of the config's test-time views), then three separate library
+        calls, each with its own forward and backward."""
         image = load_image(path)
         x, _ = to_model_input(image, cfg)
-        with torch.inference_mode():
-            part = predictor.route(model(x), "auto") or "forearm"
+        part = predictor.route(predictor.input_logits(x), "auto") or "forearm"
         target = [ClassifierOutputTarget(cfg.abnormality_index(part))]
         for cls in (GradCAM, GradCAMPlusPlus):
             with cls(model, [layer]) as cam:

@@ -76,6 +76,14 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     )
     if with_flip is not None:
         flip += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
+    by_size = config.training.get("holdout_body_part_accuracy_by_size")
+    if config.body_part_input_size and config.body_part_input_size != config.input_size:
+        flip += (
+            f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
+            "its body-part logits only)"
+        )
+    if by_size:
+        flip += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
     front = [
         "---",
         "license: other",

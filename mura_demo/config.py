@@ -28,6 +28,7 @@ class ModelConfig:
     cam_layer: str = "backbone.bn2"
     drop_rate: float = 0.2
     test_time_flip: bool = False  # average the logits of the image and its mirror image
+    body_part_input_size: int | None = None  # read the body part from the image resized to this size
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
     validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
     version: str = "untrained"
@@ -75,6 +76,9 @@ class ModelConfig:
             table = getattr(self, name)
             if set(table) != set(self.body_parts):
                 raise ValueError(f"config.json: '{name}' must name exactly the parts {list(self.body_parts)}")
+        size = self.body_part_input_size
+        if size is not None and not 32 <= size <= self.input_size:
+            raise ValueError(f"config.json: body_part_input_size must lie in [32, input_size], got {size}")
         for part, t in self.thresholds.items():
             if not 0.0 < float(t) < 1.0:
                 raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")

@@ -1,23 +1,59 @@
 """Forward passes shared by training, evaluation, serving and benchmarks.
 
-With ``config.test_time_flip`` the model's answer for an image is the mean of its logits for the
-image and its mirror image (a left and a right arm are the same question to the model).
+The model's answer for an image is more than one forward pass when its config asks for it:
+with ``config.test_time_flip`` the logits are the mean of the image's and its mirror image's
+(a left and a right arm are the same question to the model), and with a
+``config.body_part_input_size`` below the input size the body-part logits come from the image
+resized to that size (the holdout showed the part is told better from a coarser view).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import split_logits
 from .preprocess import normalize
 
 
-def model_logits(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
-    """Normalised batch -> logits, averaged with the mirrored batch's when the config asks for it."""
+def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """Logits of ``x``, averaged with the mirrored batch's when the config asks for test-time flips."""
     if not config.test_time_flip:
         return model(x)
     return model(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
+
+
+def answer_from(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Run the passes that complete the answer for ``x`` beyond its own forward pass (the mirror
+    image, the coarser body-part view) and return the map from ``x``'s own logits to the answer.
+
+    The explanation maps need ``x``'s own pass with gradients; every other pass runs here without.
+    """
+    n_parts = len(config.body_part_classes)
+    size = config.body_part_input_size
+    with torch.no_grad():
+        mirrored = model(x.flip(-1)) if config.test_time_flip else None
+        coarse = None
+        if size and size != x.shape[-1]:
+            small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            coarse = flip_mean(model, config, small)[:, :n_parts]
+
+    def answer(logits: torch.Tensor) -> torch.Tensor:
+        if mirrored is not None:
+            logits = (logits + mirrored) / 2
+        if coarse is not None:
+            logits = torch.cat([coarse, logits[:, n_parts:]], 1)
+        return logits
+
+    return answer
+
+
+def model_logits(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """Normalised batch -> the model's answer (test-time flip and body-part view included)."""
+    return answer_from(model, config, x)(model(x))
 
 
 @torch.inference_mode()

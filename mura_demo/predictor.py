@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image
 from .config import OTHER
 from .explain import DEFAULT_METHODS, SLOW_METHODS, explain
 from .imaging import ImageInputError, load_image, load_views
-from .inference import model_logits
+from .inference import answer_from, model_logits
 from .model import split_logits
 from .preprocess import Box, to_model_input
 from .render import overlay
@@ -138,7 +137,7 @@ class Predictor:
 
         fast = [m for m in methods if m not in SLOW_METHODS]
         with self.lock:
-            answer = self.flip_partner(x)
+            answer = answer_from(self.model, self.config, x)
             logits, maps = explain(self.model, self.target_layer, x, lambda lg: column_of(answer(lg)), fast)
         logits = answer(logits)
         slow, column = [m for m in methods if m in SLOW_METHODS], column_of(logits)
@@ -147,15 +146,6 @@ class Predictor:
             with self.slow_lock:
                 maps |= explain(self.slow_model, layer, x, lambda _: column, slow)[1]
         return Analysis(self.interpret(logits, body_part, threshold), image, box, maps)
-
-    def flip_partner(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Maps the logits of ``x`` to the model's answer: themselves, or their mean with the mirror
-        image's logits when the config asks for test-time flips (the maps explain ``x`` itself)."""
-        if not self.config.test_time_flip:
-            return lambda logits: logits
-        with torch.no_grad():
-            mirrored = self.model(x.flip(-1))
-        return lambda logits: (logits + mirrored) / 2
 
     def analyze_study(
         self, sources, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
@@ -224,7 +214,7 @@ class Predictor:
         return self.analyze_study(sources, body_part, (), threshold).to_dict()
 
     def input_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's answer for a preprocessed view (forward passes only, test-time flip included)."""
+        """The model's answer for a preprocessed view (forward passes only, all of ``answer_from``'s included)."""
         with self.lock, torch.inference_mode():
             return model_logits(self.model, self.config, x)
 

@@ -5,8 +5,8 @@ unfreezes the backbone (past its first blocks, with batch-norm statistics frozen
 warm-up + cosine schedule, keeping an exponential moving average (EMA) of the weights beside
 them. After every epoch both are scored on a patient-level holdout of MURA ``train``; the best
 by study-level AUROC is kept. On that holdout the run then decides whether test-time flips help
-and chooses per-part thresholds (by a rule cross-validated over its patients), and exports a
-weights folder. MURA ``valid`` is never read here.
+and from which input size the body part is read best, chooses per-part thresholds (by a rule
+cross-validated over its patients), and exports a weights folder. MURA ``valid`` is never read here.
 
 The same command runs under ``torchrun`` (DistributedDataParallel: NCCL on GPUs, gloo on CPUs):
 each rank trains on its shard of every epoch; rank 0 alone writes checkpoints and logs.
@@ -40,6 +40,8 @@ from .inference import score_images
 from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
 from .model import MuraNet, create_model, split_logits
 from .preprocess import normalize
+
+BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
 
 
 @dataclasses.dataclass
@@ -353,8 +355,8 @@ def train(settings: TrainSettings) -> MuraNet:
 
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
-    """Load the best epoch; on the holdout, decide on test-time flips and choose per-part
-    thresholds; export the weights folder."""
+    """Load the best epoch; on the holdout, decide on test-time flips and the body part's input
+    size, and choose per-part thresholds; export the weights folder."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
     scores = {}
@@ -364,6 +366,13 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         scores[flip] = (holdout_report(config, holdout, *probs)["score"], probs)
     config.test_time_flip = scores[True][0] > scores[False][0]
     bp_prob, ab_prob = scores[config.test_time_flip][1]
+    bp_probs = {config.input_size: bp_prob}
+    for size in (s for s in BODY_PART_SIZES if s < config.input_size):
+        config.body_part_input_size = size
+        bp_probs[size] = score_images(model, config, holdout_images)[0]
+    part_accuracy = {s: holdout_report(config, holdout, p, ab_prob)["body_part_accuracy"] for s, p in bp_probs.items()}
+    config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
+    bp_prob = bp_probs[config.body_part_input_size]
     holdout_metrics, threshold_rules = {}, {}
     patient_of = {s.study: s.patient for s in holdout}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
@@ -401,6 +410,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "best_epoch": meta["best_epoch"],
         "holdout_score_without_flip": scores[False][0],
         "holdout_score_with_flip": scores[True][0],
+        "holdout_body_part_accuracy_by_size": part_accuracy,
         "threshold_rules": threshold_rules,
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),

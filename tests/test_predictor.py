@@ -1,8 +1,9 @@
-"""The pipeline without Gradio: studies, test-time flips and the one-page report, on real radiographs."""
+"""The pipeline without Gradio: studies, test-time flips, the body-part view and the report, on real radiographs."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -23,15 +24,15 @@ def study(radiographs):
     return sorted(radiographs["forearm"].parent.glob("*.png"))
 
 
-def predictor_with_flip(predictor, flip: bool) -> Predictor:
+def predictor_with(predictor, **config_changes) -> Predictor:
     loaded = copy.copy(predictor.loaded)
-    loaded.config = copy.deepcopy(predictor.config)
-    loaded.config.test_time_flip = flip
+    loaded.config = dataclasses.replace(predictor.config, **config_changes)
     return Predictor(loaded)
 
 
 def test_flip_averages_logits_of_image_and_mirror(predictor, radiographs):
-    plain, flipping = predictor_with_flip(predictor, False), predictor_with_flip(predictor, True)
+    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None)
+    flipping = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
     image = load_image(radiographs["humerus"])
     x, _ = to_model_input(image, predictor.config)
     with torch.no_grad():
@@ -43,6 +44,26 @@ def test_flip_averages_logits_of_image_and_mirror(predictor, radiographs):
     # the maps path gives the same answer as the forward-only path, flips included
     assert flipping.analyze(radiographs["humerus"], "humerus").prediction.abnormality_probability == flipped
     assert flipped != without
+
+
+def test_body_part_is_read_from_the_coarser_view(predictor, radiographs):
+    size = 160
+    coarse = predictor_with(predictor, test_time_flip=True, body_part_input_size=size)
+    full = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
+    x, _ = to_model_input(load_image(radiographs["forearm"]), predictor.config)
+    small = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    n_parts = len(predictor.config.body_part_classes)
+    answer, at_full_size = coarse.input_logits(x), full.input_logits(x)
+    with torch.no_grad():
+        small_logits = (predictor.model(small) + predictor.model(small.flip(-1))) / 2
+    assert torch.allclose(answer[:, :n_parts], small_logits[:, :n_parts], atol=1e-5)
+    assert torch.allclose(answer[:, n_parts:], at_full_size[:, n_parts:], atol=1e-5)
+    assert not torch.allclose(answer[:, :n_parts], at_full_size[:, :n_parts], atol=1e-3)
+    # the maps path routes and answers from the same coarse body-part view
+    predicted = coarse.predict(radiographs["forearm"])
+    analysis = coarse.analyze(radiographs["forearm"])
+    assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
+    assert analysis.prediction.abnormality_probability == predicted.abnormality_probability
 
 
 def test_study_reads_every_view_at_the_study_part(predictor, study):

@@ -52,6 +52,10 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     assert any(k.startswith("ema.") for k in load_file(tmp_path / "run" / "checkpoint.safetensors"))
     training = config["training"]
     assert config["test_time_flip"] == (training["holdout_score_with_flip"] > training["holdout_score_without_flip"])
+    by_size = {int(size): acc for size, acc in training["holdout_body_part_accuracy_by_size"].items()}
+    assert set(by_size) == {224, 192, 160}
+    best = max(by_size.values())
+    assert config["body_part_input_size"] == max(size for size, acc in by_size.items() if acc == best)
     predictor = Predictor(load_model(str(tmp_path / "weights")))
     analysis = predictor.analyze(radiographs["forearm"], "auto")
     assert analysis.prediction.weights_revision == "smoke"
