@@ -52,6 +52,28 @@ def threshold_story(config: ModelConfig) -> str:
     )
 
 
+def inference_story(config: ModelConfig) -> str:
+    """How the answer is formed at test time (flip, body-part view) and what the holdout said of each choice."""
+    with_flip = config.training.get("holdout_score_with_flip")
+    without_flip = config.training.get("holdout_score_without_flip")
+    story = (
+        "The answer for an image is the mean of the logits for the image and its mirror image (test-time flip)"
+        if config.test_time_flip
+        else "No test-time flip"
+    )
+    if with_flip is not None:
+        story += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
+    by_size = config.training.get("holdout_body_part_accuracy_by_size")
+    if config.body_part_input_size and config.body_part_input_size != config.input_size:
+        story += (
+            f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
+            "its body-part logits only)"
+        )
+    if by_size:
+        story += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
+    return story
+
+
 def write_model_card(folder: str | Path, report: dict) -> Path:
     """Write the card from an evaluation report and record the test metrics in config.json."""
     folder = Path(folder)
@@ -67,23 +89,6 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     not_validated = [p for p in config.body_parts if not config.validated[p]]
     settings = config.training.get("settings", {})
     minutes = config.training.get("seconds", 0) / 60
-    with_flip = config.training.get("holdout_score_with_flip")
-    without_flip = config.training.get("holdout_score_without_flip")
-    flip = (
-        "The answer for an image is the mean of the logits for the image and its mirror image (test-time flip)"
-        if config.test_time_flip
-        else "No test-time flip"
-    )
-    if with_flip is not None:
-        flip += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
-    by_size = config.training.get("holdout_body_part_accuracy_by_size")
-    if config.body_part_input_size and config.body_part_input_size != config.input_size:
-        flip += (
-            f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
-            "its body-part logits only)"
-        )
-    if by_size:
-        flip += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
     front = [
         "---",
         "license: other",
@@ -105,7 +110,7 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
 One `{config.architecture}` backbone (ImageNet initialisation) at {config.input_size} px (letterboxed, aspect kept)
 with two heads: a body-part head ({", ".join(config.body_part_classes)}) and one abnormality logit per MURA body part.
 The abnormality reading uses the logit of the detected (or user-chosen) part, at that part's threshold.
-{flip}.
+{inference_story(config)}.
 
 Training: a phase on the heads over frozen features, then the network past its first
 {settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,

