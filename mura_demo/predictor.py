@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 from .config import OTHER
 from .explain import DEFAULT_METHODS, SLOW_METHODS, explain
 from .imaging import ImageInputError, load_image, load_views
-from .inference import answer_from, model_logits
+from .inference import answer_from
 from .model import split_logits
 from .preprocess import Box, to_model_input
 from .render import overlay
@@ -124,11 +125,17 @@ class Predictor:
         return self.analyze_view(image, to_model_input(image, self.config), body_part, methods, threshold)
 
     def analyze_view(
-        self, image: Image.Image, model_input: tuple[torch.Tensor, Box], body_part: str, methods, threshold
+        self,
+        image: Image.Image,
+        model_input: tuple[torch.Tensor, Box],
+        body_part: str,
+        methods,
+        threshold,
+        answer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Analysis:
         """One decoded and preprocessed view (request already checked): the fast maps from one shared
         pass under the model's lock, then the slow ones on the spare copy, for the column the answer
-        routes to."""
+        routes to. ``answer`` (from :meth:`view_answer`) spares running the view's extra passes again."""
         x, box = model_input
 
         def column_of(logits: torch.Tensor) -> int | None:
@@ -137,7 +144,7 @@ class Predictor:
 
         fast = [m for m in methods if m not in SLOW_METHODS]
         with self.lock:
-            answer = answer_from(self.model, self.config, x)
+            answer = answer or answer_from(self.model, self.config, x)
             logits, maps = explain(self.model, self.target_layer, x, lambda lg: column_of(answer(lg)), fast)
         logits = answer(logits)
         slow, column = [m for m in methods if m in SLOW_METHODS], column_of(logits)
@@ -169,7 +176,7 @@ class Predictor:
         if len(views) > MAX_VIEWS:
             raise ImageInputError(f"A study can have at most {MAX_VIEWS} views; this one has {len(views)}.")
         inputs = [to_model_input(view, self.config) for view in views]
-        logits = [self.input_logits(x) for x, _ in inputs]
+        logits, answers = zip(*(self.view_answer(x) for x, _ in inputs))
         first = [self.interpret(lg, AUTO, threshold) for lg in logits]
         mean_probs = {
             c: float(np.mean([p.body_part_probabilities[c] for p in first])) for c in self.config.body_part_classes
@@ -177,7 +184,10 @@ class Predictor:
         part = body_part if body_part != AUTO else max(mean_probs, key=mean_probs.get)
         source = "model" if body_part == AUTO else "user"
         if part != OTHER and methods:  # a second pass per view, now that the explained part is known
-            analyses = [self.analyze_view(*view, part, methods, threshold) for view in zip(views, inputs)]
+            analyses = [
+                self.analyze_view(view, model_input, part, methods, threshold, answer)
+                for view, model_input, answer in zip(views, inputs, answers)
+            ]
         else:  # no maps; for 'other' each view keeps its own answer
             analyses = [
                 Analysis(p if part == OTHER else self.interpret(lg, part, threshold), view, box, {})
@@ -213,10 +223,16 @@ class Predictor:
         """The study reading without maps, as JSON-serialisable data."""
         return self.analyze_study(sources, body_part, (), threshold).to_dict()
 
+    def view_answer(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The model's answer for a preprocessed view (forward passes only), and the map from the
+        view's own logits to it, which a later maps pass can reuse instead of re-running the extra passes."""
+        with self.lock, torch.no_grad():
+            answer = answer_from(self.model, self.config, x)
+            return answer(self.model(x)), answer
+
     def input_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's answer for a preprocessed view (forward passes only, all of ``answer_from``'s included)."""
-        with self.lock, torch.inference_mode():
-            return model_logits(self.model, self.config, x)
+        return self.view_answer(x)[0]
 
     def decide(self, part: str, probability: float, threshold: float | None) -> tuple[float, str]:
         """The threshold in force for ``part`` (the user's, else the calibrated one) and the verdict at it."""
