@@ -257,15 +257,15 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         stored = gr.State(None)
         controls = [stored, body_part, methods, opacity, colormap, threshold]
         outputs = [summary, parts, views, gallery, raw]
-        upload.change(store_uploads, upload, stored, api_name=False).success(
-            analyze_ui, controls, outputs, api_name=False
+        upload.change(store_uploads, upload, stored, api_visibility="private").success(
+            analyze_ui, controls, outputs, api_visibility="private"
         )
-        run.click(analyze_ui, controls, outputs, api_name=False)
+        run.click(analyze_ui, controls, outputs, api_visibility="private")
         for control in (body_part, methods, colormap):
-            control.input(analyze_ui, controls, outputs, api_name=False)
+            control.input(analyze_ui, controls, outputs, api_visibility="private")
         for control in (opacity, threshold):
-            control.release(analyze_ui, controls, outputs, api_name=False)
-        make_report.click(report_ui, [*controls, kind], report, api_name=False)
+            control.release(analyze_ui, controls, outputs, api_visibility="private")
+        make_report.click(report_ui, [*controls, kind], report, api_visibility="private")
 
         # API-only endpoints: hidden components give them typed inputs and outputs.
         with gr.Group(visible=False):
