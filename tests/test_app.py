@@ -23,6 +23,14 @@ def call(client, *args, api_name):
     return client.predict(handle_file(str(args[0])), *args[1:], api_name=api_name)
 
 
+def test_public_api_is_the_four_documented_endpoints(app):
+    """The UI's own events stay private: a client sees exactly the documented endpoints."""
+    client, _, _ = app
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(endpoints) == {"/predict", "/explain", "/predict_study", "/report"}
+    assert [p["parameter_name"] for p in endpoints["/explain"]["parameters"]] == ["upload", "body_part", "method"]
+
+
 def test_predict_real_radiographs(app, radiographs):
     client, _, _ = app
     for part in ("forearm", "humerus"):
