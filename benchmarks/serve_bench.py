@@ -69,13 +69,13 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     for fn in runs.values():  # warm-up
         fn(images[0])
     # Interleaved image by image, so that the shared machine's slow spells hit every way alike.
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     for path in images:
         for name, fn in runs.items():
             t = time.perf_counter()
             fn(path)
-            times[name].append(time.perf_counter() - t)
-    out = {name: {"median_ms": pct(t, 50), "p95_ms": pct(t, 95), "n": len(t)} for name, t in times.items()}
+            seconds[name].append(time.perf_counter() - t)
+    out = {name: {"median_ms": pct(s, 50), "p95_ms": pct(s, 95), "n": len(s)} for name, s in seconds.items()}
     out["speedup_vs_naive"] = out["naive_3_library_calls"]["median_ms"] / out["predict_and_3_maps"]["median_ms"]
     times = []
     for views in studies:
@@ -148,13 +148,17 @@ def served(images: list[Path], users: int, per_user: int, sequential: int) -> di
 
         # Resident memory after request 20, half-way and at the end: a leak keeps growing in the
         # second half, while the allocator's early steps (arenas, caches) level off.
-        marks, rss = (20, sequential // 2, sequential), []
-        for i in range(sequential):
-            client.predict(handle_file(str(images[i % len(images)])), "auto", "gradcam++", api_name="/explain")
-            if i + 1 in marks:
-                rss.append(rss_mb(proc.pid)[0])
-        out["memory"] = {**{f"rss_after_{m}_mb": r for m, r in zip(marks, rss)}, "drift_mb": rss[2] - rss[0],
-                         "second_half_drift_mb": rss[2] - rss[1], "peak_rss_mb": rss_mb(proc.pid)[1]}  # fmt: skip
+        half, rss = sequential // 2, {}
+        for i in range(1, sequential + 1):
+            client.predict(handle_file(str(images[(i - 1) % len(images)])), "auto", "gradcam++", api_name="/explain")
+            if i in (20, half, sequential):
+                rss[i] = rss_mb(proc.pid)[0]
+        out["memory"] = {
+            **{f"rss_after_{i}_mb": r for i, r in rss.items()},
+            "drift_mb": rss[sequential] - rss[20],
+            "second_half_drift_mb": rss[sequential] - rss[half],
+            "peak_rss_mb": rss_mb(proc.pid)[1],
+        }
         t = time.perf_counter()
         client.predict(handle_file(str(images[0])), "auto", "scorecam", api_name="/explain")
         out["scorecam"] = {"seconds": time.perf_counter() - t, "peak_rss_after_mb": rss_mb(proc.pid)[1]}
