@@ -15,98 +15,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import gradio as gr
-from PIL import Image
 
 from .explain import DEFAULT_METHODS, METHODS, SLOW_METHODS
-from .imaging import ImageInputError, read_bytes
+from .imaging import ImageInputError
 from .predictor import AUTO, Predictor, StudyAnalysis
 from .render import COLORMAPS, DISCLAIMER, METHOD_LABELS
-from .report import REPORT_FORMATS, reading_lines, render_report, save_report
+from .report import REPORT_FORMATS, reading_lines, render_report
+from .uploads import UPLOAD_TTL, UPLOAD_TTL_ENV, png_file, private_uploads, read_upload, read_uploads, report_file
 from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
 MAX_UPLOAD = "25mb"
-UPLOAD_TTL = 60.0  # seconds an uploaded file (or a served overlay) may stay in the upload folder
-UPLOAD_TTL_ENV = "MURA_DEMO_UPLOAD_TTL"
-
-
-def upload_folder() -> Path:
-    """Where Gradio keeps uploads (the same rule as ``gradio.utils.get_upload_folder``)."""
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
-
-
-def read_upload(upload) -> bytes:
-    """The bytes of an uploaded file (its temporary copy is swept away by :func:`sweep_uploads`)."""
-    if upload is None:
-        raise ImageInputError("No file was uploaded.")
-    return read_bytes(Path(upload if isinstance(upload, str | os.PathLike) else upload.name))
-
-
-def read_uploads(uploads) -> list[bytes]:
-    """The bytes of one or several uploads; an unreadable one is named in the error."""
-    if not uploads:
-        raise ImageInputError("No files were uploaded.")
-    data = []
-    for upload in uploads if isinstance(uploads, list) else [uploads]:
-        try:
-            data.append(read_upload(upload))
-        except ImageInputError as err:
-            name = Path(upload if isinstance(upload, str | os.PathLike) else upload.name).name
-            raise ImageInputError(f"{name}: {err}") from None
-    return data
-
-
-def report_file(page: Image.Image, kind: str) -> str:
-    """Write a report page into its own folder under the (swept) upload folder, with a plain name."""
-    folder = Path(tempfile.mkdtemp(dir=upload_folder(), prefix="report-"))
-    return str(save_report(page, folder / f"mura-demo-report.{kind}"))
-
-
-def png_file(rgb) -> str:
-    """Write an overlay as PNG into the (swept) upload folder; fast zlib level, as Gradio's own
-    PNG encoding (level 6) took a quarter of a request's server time."""
-    folder = upload_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".png", delete=False) as fh:
-        Image.fromarray(rgb).save(fh, format="PNG", compress_level=1)
-    return fh.name
-
-
-def sweep_uploads(folder: Path, max_age: float) -> int:
-    """Delete files in ``folder`` older than ``max_age`` seconds; returns how many.
-
-    Gradio stores identical uploads at one path, so a file cannot be deleted the moment one
-    request has read it (a concurrent request may still need it); it is deleted shortly after.
-    """
-    removed, now = 0, time.time()
-    for path in sorted(folder.rglob("*"), reverse=True):
-        try:
-            if path.is_file() and now - path.stat().st_mtime > max_age:
-                path.unlink()
-                removed += 1
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        except OSError:
-            pass  # removed meanwhile by Gradio or another sweep
-    return removed
-
-
-def start_upload_sweeper(folder: Path, max_age: float) -> threading.Thread:
-    def loop():
-        while True:
-            time.sleep(max(1.0, max_age / 4))
-            sweep_uploads(folder, max_age)
-
-    thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
-    thread.start()
-    return thread
 
 
 @contextlib.contextmanager
@@ -309,18 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         "--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})"
     )
     args = parser.parse_args(argv)
-    # A private upload folder, swept every few seconds: nothing uploaded outlives UPLOAD_TTL.
-    os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="mura-demo-uploads-"))
-    start_upload_sweeper(upload_folder(), float(os.environ.get(UPLOAD_TTL_ENV, UPLOAD_TTL)))
     limit_malloc_arenas()
-    try:
-        predictor = Predictor.from_spec(args.weights)
-    except WeightsError as err:
-        print(f"mura-demo cannot start: {err}", file=sys.stderr)
-        return 2
-    if predictor.loaded.notice:
-        print(f"mura-demo: {predictor.loaded.notice}", file=sys.stderr)
-    demo = build_demo(predictor, args.examples)
-    demo.queue(default_concurrency_limit=2, max_size=64)
-    demo.launch(max_file_size=MAX_UPLOAD, show_error=True)
+    # SIGTERM (how Spaces, containers and process managers stop a server) stops it as Ctrl-C does,
+    # so the upload folder is emptied on the way out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A private upload folder, swept every few seconds: nothing uploaded outlives UPLOAD_TTL or the server.
+    with private_uploads(float(os.environ.get(UPLOAD_TTL_ENV, UPLOAD_TTL))):
+        try:
+            predictor = Predictor.from_spec(args.weights)
+        except WeightsError as err:
+            print(f"mura-demo cannot start: {err}", file=sys.stderr)
+            return 2
+        if predictor.loaded.notice:
+            print(f"mura-demo: {predictor.loaded.notice}", file=sys.stderr)
+        demo = build_demo(predictor, args.examples)
+        demo.queue(default_concurrency_limit=2, max_size=64)
+        demo.launch(max_file_size=MAX_UPLOAD, show_error=True)
     return 0

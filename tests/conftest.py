@@ -97,36 +97,40 @@ def predictor():
     return Predictor.from_spec(str(BUNDLED))
 
 
-@pytest.fixture(scope="session")
-def app(tmp_path_factory):
-    """The real app, started with `python app.py` on a free loopback port: (client, temp dir, url)."""
+def start_app(extra_env: dict[str, str], log: Path):
+    """`python app.py` on a free loopback port, waited for: (process, gradio_client Client, url)."""
     from gradio_client import Client
 
     port = free_port()
-    temp = tmp_path_factory.mktemp("gradio-temp")
     env = {
         **os.environ,
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_TEMP_DIR": str(temp),
         "GRADIO_ANALYTICS_ENABLED": "False",
-        "MURA_DEMO_UPLOAD_TTL": "10",  # short, to see files go; long enough for a browser download
+        **extra_env,
     }
-    log = tmp_path_factory.mktemp("app-log") / "app.log"
     with open(log, "w") as fh:  # a file, not a pipe: a full pipe would block the server
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
-    client = None
     while time.time() < deadline and proc.poll() is None:
         try:
-            client = Client(url, verbose=False)
-            break
+            return proc, Client(url, verbose=False), url
         except Exception:
             time.sleep(1)
-    if client is None:
-        proc.kill()
-        pytest.fail(f"app did not start: {log.read_text()[-3000:]}")
+    proc.kill()
+    pytest.fail(f"app did not start: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The real app, started with `python app.py` on a free loopback port: (client, temp dir, url)."""
+    temp = tmp_path_factory.mktemp("gradio-temp")
+    env = {
+        "GRADIO_TEMP_DIR": str(temp),
+        "MURA_DEMO_UPLOAD_TTL": "10",  # short, to see files go; long enough for a browser download
+    }
+    proc, client, url = start_app(env, tmp_path_factory.mktemp("app-log") / "app.log")
     yield client, temp, url
     proc.terminate()
     proc.wait(timeout=30)
