@@ -17,6 +17,8 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -210,15 +212,25 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     return demo
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas: Gradio's worker threads otherwise each keep their own
-    freed memory, and resident memory grows with the number of threads that ever ran a request."""
+def tune_malloc(arenas: int = 2, trim_every: float = 5.0) -> None:
+    """Keep the server's resident memory flat under glibc: cap the per-thread malloc arenas (Gradio's
+    worker threads otherwise each keep their own freed memory) and hand freed pages back to the system
+    every few seconds (freed holes between live blocks otherwise stay resident)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        trim = libc.malloc_trim
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+        return  # not glibc: nothing to tune
+
+    def loop():
+        while True:
+            time.sleep(trim_every)
+            trim(0)
+
+    threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})"
     )
     args = parser.parse_args(argv)
-    limit_malloc_arenas()
+    tune_malloc()
     # SIGTERM (how Spaces, containers and process managers stop a server) stops it as Ctrl-C does,
     # so the upload folder is emptied on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
