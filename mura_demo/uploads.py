@@ -152,12 +152,14 @@ def private_uploads(max_age: float):
     if not os.environ.get("GRADIO_TEMP_DIR"):
         folder, fd = new_private_folder(base)
         os.environ["GRADIO_TEMP_DIR"] = str(folder)
-    start_upload_sweeper(upload_folder(), max_age)
+    uploads = upload_folder()
+    start_upload_sweeper(uploads, max_age)
     try:
-        yield upload_folder()
+        yield uploads
     finally:
-        sweep_uploads(upload_folder(), 0)
-        if folder is not None:
+        if folder is None:
+            sweep_uploads(uploads, 0)  # a folder named by GRADIO_TEMP_DIR stays; its files go
+        else:
             shutil.rmtree(folder, ignore_errors=True)
             os.environ.pop("GRADIO_TEMP_DIR", None)
         if fd is not None:
