@@ -193,6 +193,13 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             control.release(analyze_ui, controls, outputs, api_visibility="private")
         make_report.click(report_ui, [*controls, kind], report, api_visibility="private")
 
+        def forget_uploads(request: gr.Request):
+            """A closed or reloaded tab's uploads leave server memory at once (Gradio would keep a closed
+            tab's state an hour, in case it is reopened)."""
+            demo.state_holder.delete_state(request.session_hash)
+
+        demo.unload(forget_uploads)
+
         # API-only endpoints: hidden components give them typed inputs and outputs.
         with gr.Group(visible=False):
             api_file = gr.File(type="filepath")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,35 @@ def test_upload_study_report_and_bad_file(app, browser, radiographs):
     upload.set_input_files(str(bad))
     page.get_by_text("not an image that can be read").first.wait_for(timeout=30_000)
     page.close()
+
+
+def test_closing_the_tab_forgets_its_uploads(predictor, browser, radiographs, tmp_path, monkeypatch):
+    """The uploads a tab keeps in server memory (for the sliders) go when the tab closes, not an hour later."""
+    from conftest import free_port
+
+    from mura_demo.ui import build_demo
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    demo = build_demo(predictor).queue()
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
+    )  # fmt: skip
+    uploaded = radiographs["humerus"].read_bytes()
+
+    def sessions_holding_it() -> int:
+        sessions = list(demo.state_holder.session_data.values())
+        return sum(any(isinstance(v, list) and uploaded in v for v in s.state_data.values()) for s in sessions)
+
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("input[type=file]").first.set_input_files(str(radiographs["humerus"]))
+        page.locator("#maps img").nth(2).wait_for(timeout=60_000)
+        assert sessions_holding_it() == 1
+        page.close()
+        deadline = time.time() + 20
+        while sessions_holding_it() and time.time() < deadline:
+            time.sleep(0.2)
+        assert sessions_holding_it() == 0
+    finally:
+        demo.close()
