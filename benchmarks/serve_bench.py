@@ -2,12 +2,13 @@
 
   python benchmarks/serve_bench.py [--images 60] [--users 16] [--requests 25] [--out runs/bench.json]
 
-In-process latency (median, p95) over real MURA radiographs for prediction alone and for
-prediction plus the three maps from one shared pass, against the naive way (three separate
-pytorch-grad-cam calls, each with its own forward and backward), and for two-view studies with
-their maps and the one-page PDF report; then the real app over loopback: cold start, peak
-resident memory, 16 concurrent gradio_client users, memory drift over 500 sequential requests,
-and one ScoreCAM request (its time and the peak memory after it). Needs ../shared/data (or --data).
+In-process latency (median, p95) over real MURA radiographs for prediction alone, for prediction
+plus the three maps from one shared pass and for prediction plus Grad-CAM alone, against the
+naive way (three separate pytorch-grad-cam calls, each with its own forward and backward), and
+for two-view studies with their maps and the one-page PDF report; then the real app over
+loopback: cold start, peak resident memory, 16 concurrent gradio_client users, memory drift over
+500 sequential requests, and one ScoreCAM request (its time and the peak memory after it). Needs
+../shared/data (or --data).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     runs = {
         "predict": lambda p: predictor.predict(p),
         "predict_and_3_maps": lambda p: predictor.analyze(p).overlays(),
+        "predict_and_gradcam": lambda p: predictor.analyze(p, methods=("gradcam",)).overlays(),  # as /explain
         "naive_3_library_calls": naive,
     }
     for fn in runs.values():  # warm-up
@@ -200,6 +202,8 @@ def main() -> int:
          f"{ip['predict']['median_ms']:.0f} / {ip['predict']['p95_ms']:.0f} ms"),
         ("predict + 3 maps (shared pass), median / p95",
          f"{ip['predict_and_3_maps']['median_ms']:.0f} / {ip['predict_and_3_maps']['p95_ms']:.0f} ms"),
+        ("predict + Grad-CAM alone (as /explain; no input gradient), median / p95",
+         f"{ip['predict_and_gradcam']['median_ms']:.0f} / {ip['predict_and_gradcam']['p95_ms']:.0f} ms"),
         ("naive: 3 separate library calls, median", f"{ip['naive_3_library_calls']['median_ms']:.0f} ms"),
         ("speed-up of the shared pass", f"{ip['speedup_vs_naive']:.2f}x"),
         ("study of 2 views + maps + PDF report, median / p95",

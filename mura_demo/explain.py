@@ -11,6 +11,7 @@ through their library class (ScoreCAM with its masked inputs built a batch at a 
 
 from __future__ import annotations
 
+import contextlib
 import types
 from collections.abc import Callable
 
@@ -71,25 +72,49 @@ def method_slug(method: str) -> str:
     return method.replace("+", "p")
 
 
+@contextlib.contextmanager
+def requiring_grad(params: list[torch.nn.Parameter]):
+    """``params`` require grad inside the block and are restored after it."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 class SharedPassCAM(BaseCAM):
     """One forward/backward pass whose activations, gradients and input gradient feed many maps."""
 
     def __init__(self, model: torch.nn.Module, target_layer: torch.nn.Module):
         super().__init__(model, [target_layer])
 
-    def run(self, input_tensor: torch.Tensor, choose_column: ColumnChooser) -> tuple[torch.Tensor, int | None]:
+    def run(
+        self, input_tensor: torch.Tensor, choose_column: ColumnChooser, input_gradient: bool = True
+    ) -> tuple[torch.Tensor, int | None]:
         """Forward, pick the output column to explain from the logits, and backward from it.
 
-        Returns the logits and the column (None: nothing to explain, no backward pass).
+        The backward pass goes back to the input only when ``input_gradient`` (saliency) asks for it;
+        otherwise it stops at the target layer, a small part of a full backward pass. The served model's
+        weights are frozen, so the layer's own parameters require grad during the forward pass to give
+        its output a gradient; no weight gradient is kept. Returns the logits and the column (None:
+        nothing to explain, no backward pass).
         """
-        self.input = input_tensor.detach().clone().requires_grad_(True)
-        self.outputs = self.activations_and_grads(self.input)
-        logits = self.outputs.detach()
-        column = choose_column(logits)
-        if column is not None:
-            self.targets = [ClassifierOutputTarget(column)]
-            self.model.zero_grad()
-            self.targets[0](self.outputs[0]).backward()
+        params = list(self.target_layers[0].parameters())
+        input_gradient = input_gradient or not params
+        self.input = input_tensor.detach().clone().requires_grad_(input_gradient)
+        self.input_grad = None
+        with requiring_grad([] if input_gradient else params):
+            self.outputs = self.activations_and_grads(self.input)
+            logits = self.outputs.detach()
+            column = choose_column(logits)
+            if column is not None:
+                self.targets = [ClassifierOutputTarget(column)]
+                ends = [self.input] if input_gradient else params
+                grads = torch.autograd.grad(self.targets[0](self.outputs[0]), ends)
+                self.input_grad = grads[0] if input_gradient else None
         return logits, column
 
     def cam(self, method: str) -> np.ndarray:
@@ -103,7 +128,7 @@ class SharedPassCAM(BaseCAM):
 
     def saliency(self) -> np.ndarray:
         """Vanilla gradient saliency (Simonyan et al.): |d logit / d pixel|, max over channels."""
-        grad = self.input.grad.detach().abs().amax(dim=1)[0].numpy()
+        grad = self.input_grad.abs().amax(dim=1)[0].numpy()
         top = np.percentile(grad, 99.5)
         return np.clip(grad / top, 0, 1).astype(np.float32) if top > 0 else np.zeros_like(grad, dtype=np.float32)
 
@@ -127,7 +152,7 @@ def explain(
         with torch.inference_mode():
             return model(input_tensor), maps
     with torch.enable_grad(), SharedPassCAM(model, target_layer) as shared:
-        logits, column = shared.run(input_tensor, choose_column)
+        logits, column = shared.run(input_tensor, choose_column, input_gradient="saliency" in methods)
         if column is None:
             return logits, maps
         for method in methods:

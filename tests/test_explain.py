@@ -116,3 +116,18 @@ def test_overlay_keeps_aspect_and_crops_padding(setup):
     assert out.shape == (200, 300, 3) and out.dtype == np.uint8
     # fully hot everywhere: the padding was cropped away, not stretched into the picture
     assert np.ptp(out.reshape(-1, 3), axis=0).max() <= 1
+
+
+def test_backward_reaches_the_image_only_for_saliency(setup):
+    """The CAMs need gradients at the explained layer alone; only saliency pays for a full backward pass."""
+    config, model, layer, x, _ = setup
+    stem_grads = []
+    handle = model.backbone.conv_stem.register_full_backward_hook(lambda *args: stem_grads.append(1))
+    try:
+        explain(model, layer, x, lambda logits: config.abnormality_index("humerus"), ["gradcam", "gradcam++"])
+        assert stem_grads == []
+        explain(model, layer, x, lambda logits: config.abnormality_index("humerus"), ["gradcam", "saliency"])
+        assert stem_grads == [1]
+    finally:
+        handle.remove()
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())  # left as it was
