@@ -134,6 +134,12 @@ def abnormality_rows(samples: list[Sample], parts: tuple[str, ...]) -> dict[str,
     return {part: rows[part] for part in parts if part in rows}
 
 
+def patients_of(samples: list[Sample], studies: list[str]) -> list[str]:
+    """The patient of each study, for study-level steps that must keep a patient's studies together."""
+    patient = {s.study: s.patient for s in samples}
+    return [patient[study] for study in studies]
+
+
 def load_images(samples: list[Sample], size: int) -> torch.Tensor:
     """Decode and letterbox every sample once: a uint8 (N, 1, size, size) tensor kept in memory."""
     out = torch.empty((len(samples), 1, size, size), dtype=torch.uint8)

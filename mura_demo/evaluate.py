@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import OTHER, ModelConfig
-from .data import Sample, abnormality_rows, load_images, load_splits
+from .data import Sample, abnormality_rows, load_images, load_splits, patients_of
 from .inference import score_images
 from .metrics import auroc, bootstrap_ci, cohen_kappa, cross_validated_threshold, roc_curve, study_scores
 from .model import create_model
@@ -149,8 +149,7 @@ def baseline_report(settings: EvalSettings, splits: dict, config: ModelConfig, n
             if best is None or score > best[0]:
                 best = (score, l2, w, b, studies, hy, hp)
         _, l2, w, b, studies, hy, hp = best
-        patient_of = {s.study: s.patient for s in meta["holdout"]}
-        t, _ = cross_validated_threshold(hy, hp, [patient_of[st] for st in studies])  # the model's rule
+        t, _ = cross_validated_threshold(hy, hp, patients_of(meta["holdout"], studies))  # the model's rule
         _, ty, tp = study_probabilities(feats["test"], meta["test"], rows["test"], w, b)
         report[part] = {"l2": l2, "threshold": t, "study_level": bootstrap_ci(ty, tp, t, n_boot=n_boot)}
     return report

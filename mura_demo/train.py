@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .augment import augment
 from .config import OTHER, ModelConfig
-from .data import Sample, abnormality_rows, body_part_targets, load_images, load_splits
+from .data import Sample, abnormality_rows, body_part_targets, load_images, load_splits, patients_of
 from .export import export_weights
 from .inference import score_images
 from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
@@ -374,12 +374,10 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
     bp_prob = bp_probs[config.body_part_input_size]
     holdout_metrics, threshold_rules = {}, {}
-    patient_of = {s.study: s.patient for s in holdout}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels:
             continue
-        patients = [patient_of[st] for st in studies]
-        config.thresholds[part], threshold_rules[part] = cross_validated_threshold(y, p, patients)
+        config.thresholds[part], threshold_rules[part] = cross_validated_threshold(y, p, patients_of(holdout, studies))
         config.validated[part] = True
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
     validated = [p for p in config.body_parts if config.validated[p]]
