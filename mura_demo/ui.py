@@ -33,6 +33,7 @@ from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
 MAX_UPLOAD = "25mb"
+START_TEXT = "Upload a radiograph and press **Analyse**."
 
 
 @contextlib.contextmanager
@@ -85,11 +86,12 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     choices = predictor.body_part_choices
 
     def store_uploads(uploads):
-        """Read new uploads into this session's memory (the page keeps no file of them)."""
+        """Read new uploads into this session's memory (the page keeps no file of them); the reading
+        on screen no longer belongs to them."""
         if not uploads:
-            return None
+            return None, None
         with shown_to_user("Cannot read this file"):
-            return read_uploads(uploads)
+            return read_uploads(uploads), None
 
     def study_of(data, body_part, methods, threshold) -> StudyAnalysis:
         if not data:
@@ -97,18 +99,34 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         with shown_to_user("Cannot analyse this file"):
             return predictor.analyze_study(data, body_part, tuple(methods or ()), threshold or None)
 
-    def analyze_ui(data, body_part, methods, opacity, colormap, threshold):
-        analysis = study_of(data, body_part, methods, threshold)
-        gallery = [
+    def gallery_of(analysis: StudyAnalysis, opacity, colormap) -> list:
+        return [
             (png_file(rgb), f"View {i + 1} · {METHOD_LABELS[m]}")
             for i, view in enumerate(analysis.views)
             for m, rgb in (view.overlays(opacity, colormap) if view.maps else {}).items()
         ]
-        study = analysis.study
-        return summary_markdown(study), study["body_part_probabilities"], views_rows(analysis), gallery, study
 
-    def report_ui(data, body_part, methods, opacity, colormap, threshold, kind):
+    def analyze_ui(data, body_part, methods, opacity, colormap, threshold):
+        """The reading and maps on screen, and the analysis behind them (kept for redraws and the report)."""
         analysis = study_of(data, body_part, methods, threshold)
+        study = analysis.study
+        gallery = gallery_of(analysis, opacity, colormap)
+        return summary_markdown(study), study["body_part_probabilities"], views_rows(analysis), gallery, study, analysis
+
+    def show_uploads(data, *settings):
+        """New uploads are analysed at once; cleared ones leave a blank page, not an error."""
+        if data is None:
+            return START_TEXT, None, None, None, None, None
+        return analyze_ui(data, *settings)
+
+    def redraw_ui(analysis, opacity, colormap):
+        """New opacity or colour map: the maps on screen are redrawn; the model does not run again."""
+        return gr.skip() if analysis is None else gallery_of(analysis, opacity, colormap)
+
+    def report_ui(analysis, opacity, colormap, kind):
+        """The report of what is on screen, without running the model again (ScoreCAM takes ~40 s a view)."""
+        if analysis is None:
+            raise gr.Error("Upload a radiograph first; the report shows the reading on screen.", title="No reading")
         return report_file(render_report(analysis, opacity, colormap), kind)
 
     def predict_api(upload, body_part: str = AUTO, threshold: float = 0.0) -> dict:
@@ -169,7 +187,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                     files = sorted(str(p) for p in Path(examples_dir).iterdir() if p.is_file())
                     gr.Examples([[[f]] for f in files], inputs=[upload])
             with gr.Column(scale=2):
-                summary = gr.Markdown("Upload a radiograph and press **Analyse**.", elem_id="summary")
+                summary = gr.Markdown(START_TEXT, elem_id="summary")
                 parts = gr.Label(label="Body part probabilities", num_top_classes=4)
                 gallery = gr.Gallery(label="Explanation maps", columns=3, object_fit="contain", elem_id="maps")
                 views = gr.Dataframe(
@@ -180,18 +198,20 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 )
                 with gr.Accordion("Raw study result (JSON)", open=False):
                     raw = gr.JSON()
-        stored = gr.State(None)
+        stored = gr.State(None)  # the uploads' bytes
+        shown = gr.State(None)  # the StudyAnalysis on screen
         controls = [stored, body_part, methods, opacity, colormap, threshold]
-        outputs = [summary, parts, views, gallery, raw]
-        upload.change(store_uploads, upload, stored, api_visibility="private").success(
-            analyze_ui, controls, outputs, api_visibility="private"
+        outputs = [summary, parts, views, gallery, raw, shown]
+        upload.change(store_uploads, upload, [stored, shown], api_visibility="private").success(
+            show_uploads, controls, outputs, api_visibility="private"
         )
         run.click(analyze_ui, controls, outputs, api_visibility="private")
-        for control in (body_part, methods, colormap):
+        for control in (body_part, methods):
             control.input(analyze_ui, controls, outputs, api_visibility="private")
-        for control in (opacity, threshold):
-            control.release(analyze_ui, controls, outputs, api_visibility="private")
-        make_report.click(report_ui, [*controls, kind], report, api_visibility="private")
+        threshold.release(analyze_ui, controls, outputs, api_visibility="private")
+        colormap.input(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
+        opacity.release(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
+        make_report.click(report_ui, [shown, opacity, colormap, kind], report, api_visibility="private")
 
         def forget_uploads(request: gr.Request):
             """A closed or reloaded tab's uploads leave server memory at once (Gradio would keep a closed

@@ -69,33 +69,74 @@ def test_upload_study_report_and_bad_file(app, browser, radiographs):
     page.close()
 
 
-def test_closing_the_tab_forgets_its_uploads(predictor, browser, radiographs, tmp_path, monkeypatch):
-    """The uploads a tab keeps in server memory (for the sliders) go when the tab closes, not an hour later."""
+@pytest.fixture(scope="module")
+def served_demo(predictor, tmp_path_factory):
+    """The demo served in this process (so a test can look at its state and count its model's passes): (demo, url)."""
     from conftest import free_port
 
     from mura_demo.ui import build_demo
 
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    demo = build_demo(predictor).queue()
-    _, url, _ = demo.launch(
-        server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
-    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("in-process-uploads")))
+        demo = build_demo(predictor).queue()
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
+        )  # fmt: skip
+        yield demo, url
+        demo.close()
+
+
+def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, radiographs, predictor):
+    """Colour map, opacity and the report redraw what is on screen without running the model again
+    (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a blank page, not an error."""
+    _, url = served_demo
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("input[type=file]").first.set_input_files(str(radiographs["forearm"]))
+    maps = page.locator("#maps img")
+    maps.nth(2).wait_for(timeout=60_000)
+    before = maps.first.get_attribute("src")
+    passes = []
+    hooks = [m.register_forward_hook(lambda *args: passes.append(1)) for m in (predictor.model, predictor.slow_model)]
+    try:
+        page.get_by_label("Colour map").click()
+        page.get_by_role("option", name="viridis").click()
+        page.wait_for_function(
+            "before => document.querySelector('#maps img').getAttribute('src') !== before", arg=before, timeout=30_000
+        )  # fmt: skip
+        page.get_by_role("button", name="Create one-page report").click()
+        page.locator("#report a[download]").first.wait_for(timeout=60_000)
+        assert passes == []
+        page.get_by_role("combobox", name="Body part").click()  # a new question runs the model
+        page.get_by_role("option", name="humerus").click()
+        page.get_by_text("Body part: humerus").first.wait_for(timeout=60_000)
+        assert passes
+    finally:
+        for hook in hooks:
+            hook.remove()
+    page.get_by_label("Clear").first.click()
+    page.get_by_text("Upload a radiograph and press").wait_for(timeout=30_000)
+    assert "Error" not in page.inner_text("body")
+    assert page.locator("#maps img").count() == 0
+    page.close()
+
+
+def test_closing_the_tab_forgets_its_uploads(served_demo, browser, radiographs):
+    """The uploads a tab keeps in server memory (for the sliders) go when the tab closes, not an hour later."""
+    demo, url = served_demo
     uploaded = radiographs["humerus"].read_bytes()
 
     def sessions_holding_it() -> int:
         sessions = list(demo.state_holder.session_data.values())
         return sum(any(isinstance(v, list) and uploaded in v for v in s.state_data.values()) for s in sessions)
 
-    try:
-        page = browser.new_page()
-        page.goto(url)
-        page.locator("input[type=file]").first.set_input_files(str(radiographs["humerus"]))
-        page.locator("#maps img").nth(2).wait_for(timeout=60_000)
-        assert sessions_holding_it() == 1
-        page.close()
-        deadline = time.time() + 20
-        while sessions_holding_it() and time.time() < deadline:
-            time.sleep(0.2)
-        assert sessions_holding_it() == 0
-    finally:
-        demo.close()
+    page = browser.new_page()
+    page.goto(url)
+    page.locator("input[type=file]").first.set_input_files(str(radiographs["humerus"]))
+    page.locator("#maps img").nth(2).wait_for(timeout=60_000)
+    assert sessions_holding_it() == 1
+    page.close()
+    deadline = time.time() + 20
+    while sessions_holding_it() and time.time() < deadline:
+        time.sleep(0.2)
+    assert sessions_holding_it() == 0
