@@ -126,7 +126,9 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     def report_ui(analysis, opacity, colormap, kind):
         """The report of what is on screen, without running the model again (ScoreCAM takes ~40 s a view)."""
         if analysis is None:
-            raise gr.Error("Upload a radiograph first; the report shows the reading on screen.", title="No reading")
+            raise gr.Error(
+                "There is no reading on screen to report yet: upload a radiograph and wait for it.", title="No reading"
+            )
         return report_file(render_report(analysis, opacity, colormap), kind)
 
     def predict_api(upload, body_part: str = AUTO, threshold: float = 0.0) -> dict:
