@@ -94,6 +94,7 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, rad
     page.goto(url)
     page.get_by_role("button", name="Create one-page report").click()
     page.get_by_text("There is no reading on screen to report yet").wait_for(timeout=30_000)
+    page.locator(".toast-close").click()
     page.locator("input[type=file]").first.set_input_files(str(radiographs["forearm"]))
     maps = page.locator("#maps img")
     maps.nth(2).wait_for(timeout=60_000)
