@@ -208,8 +208,8 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
             show_uploads, controls, outputs, api_visibility="private"
         )
         run.click(analyze_ui, controls, outputs, api_visibility="private")
-        for control in (body_part, methods):
-            control.input(analyze_ui, controls, outputs, api_visibility="private")
+        for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
+            control.change(analyze_ui, controls, outputs, api_visibility="private")
         threshold.release(analyze_ui, controls, outputs, api_visibility="private")
         colormap.input(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
         opacity.release(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
