@@ -17,8 +17,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -28,7 +26,16 @@ from .imaging import ImageInputError
 from .predictor import AUTO, Predictor, StudyAnalysis
 from .render import COLORMAPS, DISCLAIMER, METHOD_LABELS
 from .report import REPORT_FORMATS, reading_lines, render_report
-from .uploads import UPLOAD_TTL, UPLOAD_TTL_ENV, png_file, private_uploads, read_upload, read_uploads, report_file
+from .uploads import (
+    UPLOAD_TTL,
+    UPLOAD_TTL_ENV,
+    png_file,
+    private_uploads,
+    read_upload,
+    read_uploads,
+    report_file,
+    run_every,
+)
 from .weights import HUB_PREFIX, WeightsError
 
 EXAMPLES_ENV = "MURA_DEMO_EXAMPLES"
@@ -253,13 +260,7 @@ def tune_malloc(arenas: int = 2, trim_every: float = 5.0) -> None:
         trim = libc.malloc_trim
     except (OSError, AttributeError):
         return  # not glibc: nothing to tune
-
-    def loop():
-        while True:
-            time.sleep(trim_every)
-            trim(0)
-
-    threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
+    run_every(trim_every, lambda: trim(0), "malloc-trim")
 
 
 def main(argv: list[str] | None = None) -> int:

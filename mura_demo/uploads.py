@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -92,13 +93,15 @@ def sweep_uploads(folder: Path, max_age: float) -> int:
     return removed
 
 
-def start_upload_sweeper(folder: Path, max_age: float) -> threading.Thread:
+def run_every(seconds: float, task: Callable[[], object], name: str) -> threading.Thread:
+    """Call ``task`` every ``seconds`` in a daemon thread, for the life of the server."""
+
     def loop():
         while True:
-            time.sleep(max(1.0, max_age / 4))
-            sweep_uploads(folder, max_age)
+            time.sleep(seconds)
+            task()
 
-    thread = threading.Thread(target=loop, name="upload-sweeper", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     return thread
 
@@ -153,7 +156,7 @@ def private_uploads(max_age: float):
         folder, fd = new_private_folder(base)
         os.environ["GRADIO_TEMP_DIR"] = str(folder)
     uploads = upload_folder()
-    start_upload_sweeper(uploads, max_age)
+    run_every(max(1.0, max_age / 4), lambda: sweep_uploads(uploads, max_age), "upload-sweeper")
     try:
         yield uploads
     finally:
