@@ -218,9 +218,10 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
             control.change(analyze_ui, controls, outputs, api_visibility="private")
         threshold.release(analyze_ui, controls, outputs, api_visibility="private")
-        colormap.input(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
-        opacity.release(redraw_ui, [shown, opacity, colormap], gallery, api_visibility="private")
-        make_report.click(report_ui, [shown, opacity, colormap, kind], report, api_visibility="private")
+        on_screen = [shown, opacity, colormap]
+        colormap.input(redraw_ui, on_screen, gallery, api_visibility="private")
+        opacity.release(redraw_ui, on_screen, gallery, api_visibility="private")
+        make_report.click(report_ui, [*on_screen, kind], report, api_visibility="private")
 
         def forget_uploads(request: gr.Request):
             """A closed or reloaded tab's uploads leave server memory at once (Gradio would keep a closed
