@@ -87,8 +87,8 @@ def served_demo(predictor, tmp_path_factory):
 
 
 def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, radiographs, predictor):
-    """Colour map, opacity and the report redraw what is on screen without running the model again
-    (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a blank page, not an error."""
+    """The colour map (opacity shares its handler) and the report redraw what is on screen without running
+    the model again (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a blank page."""
     _, url = served_demo
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
