@@ -103,5 +103,6 @@ def write_studies(predictor: Predictor, predictions: Path, path: Path) -> None:
                 continue
             part = parts.most_common(1)[0][0]
             prob = float(np.mean([float(r["abnormality_probability"]) for r in rows if r["body_part"] == part]))
-            threshold, verdict = predictor.decide(part, prob, None)
-            writer.writerow([study, len(rows), part, round(prob, 4), round(threshold, 4), verdict, label])
+            reading = predictor.decide(part, prob, None)
+            values = [reading[key] for key in ("abnormality_probability", "threshold", "verdict")]
+            writer.writerow([study, len(rows), part, *values, label])

@@ -208,14 +208,8 @@ class Predictor:
             "validated": None,
         }
         if part != OTHER:
-            p = float(np.mean([a.prediction.abnormality_probability for a in analyses]))
-            t, verdict = self.decide(part, p, threshold)
-            study.update(
-                abnormality_probability=round(p, 4),
-                threshold=round(t, 4),
-                verdict=verdict,
-                validated=bool(self.config.validated[part]),
-            )
+            p = np.mean([a.prediction.abnormality_probability for a in analyses])
+            study.update(**self.decide(part, p, threshold), validated=bool(self.config.validated[part]))
         study.update(model=self.config.architecture, weights_revision=self.loaded.revision)
         return StudyAnalysis(analyses, study)
 
@@ -234,10 +228,28 @@ class Predictor:
         """The model's answer for a preprocessed view (forward passes only, all of ``answer_from``'s included)."""
         return self.view_answer(x)[0]
 
-    def decide(self, part: str, probability: float, threshold: float | None) -> tuple[float, str]:
-        """The threshold in force for ``part`` (the user's, else the calibrated one) and the verdict at it."""
-        t = float(threshold if threshold is not None else self.config.thresholds[part])
-        return t, "abnormal" if probability >= t else "normal"
+    def decide(self, part: str, probability: float, threshold: float | None) -> dict:
+        """The probability, the threshold in force for ``part`` (the user's, else the calibrated one)
+        and the verdict at it. Both numbers are rounded to 4 decimals as reported, and the verdict is taken
+        from the rounded ones, so it never disagrees with the figures beside it."""
+        p = round(float(probability), 4)
+        t = round(float(threshold if threshold is not None else self.config.thresholds[part]), 4)
+        return {"abnormality_probability": p, "threshold": t, "verdict": "abnormal" if p >= t else "normal"}
+
+    def at_threshold(self, analysis: StudyAnalysis, threshold: float | None) -> StudyAnalysis:
+        """The same reading at another decision threshold: only the verdicts change, so the model
+        does not run again (the same study analysed at ``threshold`` reads the same)."""
+        _, threshold = self.check_request(AUTO, threshold)
+
+        def at(reading: dict) -> dict:  # a view's or the study's verdict fields, at the new threshold
+            part = reading["body_part"]
+            return {} if part is None else self.decide(part, reading["abnormality_probability"], threshold)
+
+        views = [
+            dataclasses.replace(v, prediction=dataclasses.replace(v.prediction, **at(v.prediction.to_dict())))
+            for v in analysis.views
+        ]
+        return StudyAnalysis(views, analysis.study | at(analysis.study))
 
     def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
         """Body part and abnormality only: one forward pass, no maps."""
@@ -268,13 +280,5 @@ class Predictor:
                 validated=None,
                 **common,
             )
-        p = float(ab_logits[0, cfg.body_parts.index(part)].sigmoid())
-        t, verdict = self.decide(part, p, threshold)
-        return Prediction(
-            part,
-            abnormality_probability=round(p, 4),
-            threshold=round(t, 4),
-            verdict=verdict,
-            validated=bool(cfg.validated[part]),
-            **common,
-        )
+        p = ab_logits[0, cfg.body_parts.index(part)].sigmoid()
+        return Prediction(part, **self.decide(part, p, threshold), validated=bool(cfg.validated[part]), **common)

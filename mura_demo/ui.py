@@ -130,6 +130,14 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         """New opacity or colour map: the maps on screen are redrawn; the model does not run again."""
         return gr.skip() if analysis is None else gallery_of(analysis, opacity, colormap)
 
+    def rethreshold_ui(analysis, threshold):
+        """A new threshold changes only the verdicts: the reading on screen is decided again at it,
+        without running the model (ScoreCAM takes ~40 s a view)."""
+        if analysis is None:
+            return (gr.skip(),) * 4
+        analysis = predictor.at_threshold(analysis, threshold or None)
+        return summary_markdown(analysis.study), views_rows(analysis), analysis.study, analysis
+
     def report_ui(analysis, opacity, colormap, kind):
         """The report of what is on screen, without running the model again (ScoreCAM takes ~40 s a view)."""
         if analysis is None:
@@ -211,13 +219,20 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         shown = gr.State(None)  # the StudyAnalysis on screen
         controls = [stored, body_part, methods, opacity, colormap, threshold]
         outputs = [summary, parts, views, gallery, raw, shown]
-        upload.change(store_uploads, upload, [stored, shown], api_visibility="private").success(
-            show_uploads, controls, outputs, api_visibility="private"
-        )
-        run.click(analyze_ui, controls, outputs, api_visibility="private")
+        verdicts = [summary, views, raw, shown]
+
+        def analysed_on(listener, analyze=analyze_ui):
+            """Analyse on this event, then decide at the threshold the slider shows by then (a slow
+            analysis must not land with the value the slider had when it started)."""
+            event = listener(analyze, controls, outputs, api_visibility="private")
+            event.success(rethreshold_ui, [shown, threshold], verdicts, api_visibility="private")
+
+        uploaded = upload.change(store_uploads, upload, [stored, shown], api_visibility="private")
+        analysed_on(uploaded.success, show_uploads)
+        analysed_on(run.click)
         for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
-            control.change(analyze_ui, controls, outputs, api_visibility="private")
-        threshold.release(analyze_ui, controls, outputs, api_visibility="private")
+            analysed_on(control.change)
+        threshold.release(rethreshold_ui, [shown, threshold], verdicts, api_visibility="private")
         on_screen = [shown, opacity, colormap]
         colormap.input(redraw_ui, on_screen, gallery, api_visibility="private")
         opacity.release(redraw_ui, on_screen, gallery, api_visibility="private")

@@ -87,9 +87,11 @@ def served_demo(predictor, tmp_path_factory):
 
 
 def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, radiographs, predictor):
-    """The colour map (opacity shares its handler) and the report redraw what is on screen without running
-    the model again (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a blank page."""
+    """The colour map (opacity shares its handler), the threshold and the report redraw what is on screen
+    without running the model again (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a
+    blank page."""
     _, url = served_demo
+    probability = predictor.predict(radiographs["forearm"]).abnormality_probability
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     page.get_by_role("button", name="Create one-page report").click()
@@ -109,6 +111,12 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, rad
         )  # fmt: skip
         page.get_by_role("button", name="Create one-page report").click()
         page.locator("#report a[download]").first.wait_for(timeout=60_000)
+        for threshold in (0.01, 0.99):  # a new threshold re-decides the verdict
+            page.get_by_role("spinbutton", name="Decision threshold").fill(str(threshold))
+            page.get_by_role("spinbutton", name="Decision threshold").blur()
+            page.get_by_text(f"Decision threshold: {threshold:.3f}").wait_for(timeout=30_000)
+            verdict = "ABNORMAL" if probability >= threshold else "NORMAL"
+            assert page.inner_text("#summary").startswith(verdict)
         assert passes == []
         page.get_by_role("combobox", name="Body part").click()  # a new question runs the model
         page.get_by_role("option", name="humerus").click()

@@ -80,6 +80,26 @@ def test_study_reads_every_view_at_the_study_part(predictor, study):
     assert analysis.to_dict() == predictor.analyze_study(study, "auto", ()).to_dict()
 
 
+def test_a_new_threshold_reads_as_a_fresh_analysis_at_it(predictor, study, radiographs):
+    """Moving the threshold re-decides the reading on screen without the model; the result must be what
+    analysing again at that threshold gives, the verdicts following the probabilities shown."""
+    analysis = predictor.analyze_study(study, "auto", ("gradcam",))
+    before = analysis.to_dict()
+    views = [v.prediction.abnormality_probability for v in analysis.views]
+    probabilities = sorted({*views, analysis.study["abnormality_probability"]})
+    for threshold in [None, 0.01, 0.99, *probabilities, *(p + 1e-4 for p in probabilities)]:
+        fresh = predictor.analyze_study(study, "auto", (), threshold)  # maps do not enter the reading
+        assert predictor.at_threshold(analysis, threshold).to_dict() == fresh.to_dict()
+    assert predictor.at_threshold(analysis, 0.01).study["verdict"] == "abnormal"
+    assert predictor.at_threshold(analysis, 0.99).study["verdict"] == "normal"
+    assert analysis.to_dict() == before  # the analysis it started from is left as it was
+    chest = [radiographs["chest"]]
+    other = predictor.analyze_study(chest, "auto", ())
+    assert predictor.at_threshold(other, 0.3).to_dict() == predictor.analyze_study(chest, "auto", (), 0.3).to_dict()
+    with pytest.raises(ImageInputError, match="strictly between 0 and 1"):
+        predictor.at_threshold(analysis, 1.5)
+
+
 def test_study_errors_name_the_file_and_limit_views(predictor, study):
     with pytest.raises(ImageInputError, match="File 2 of 2: The file is empty"):
         predictor.analyze_study([study[0], b""], "auto")
