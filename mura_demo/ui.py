@@ -219,20 +219,20 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         shown = gr.State(None)  # the StudyAnalysis on screen
         controls = [stored, body_part, methods, opacity, colormap, threshold]
         outputs = [summary, parts, views, gallery, raw, shown]
-        verdicts = [summary, views, raw, shown]
+        verdicts, reading_at = [summary, views, raw, shown], [shown, threshold]
 
         def analysed_on(listener, analyze=analyze_ui):
             """Analyse on this event, then decide at the threshold the slider shows by then (a slow
             analysis must not land with the value the slider had when it started)."""
             event = listener(analyze, controls, outputs, api_visibility="private")
-            event.success(rethreshold_ui, [shown, threshold], verdicts, api_visibility="private")
+            event.success(rethreshold_ui, reading_at, verdicts, api_visibility="private", show_progress="hidden")
 
         uploaded = upload.change(store_uploads, upload, [stored, shown], api_visibility="private")
         analysed_on(uploaded.success, show_uploads)
         analysed_on(run.click)
         for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
             analysed_on(control.change)
-        threshold.release(rethreshold_ui, [shown, threshold], verdicts, api_visibility="private")
+        threshold.release(rethreshold_ui, reading_at, verdicts, api_visibility="private")
         on_screen = [shown, opacity, colormap]
         colormap.input(redraw_ui, on_screen, gallery, api_visibility="private")
         opacity.release(redraw_ui, on_screen, gallery, api_visibility="private")
