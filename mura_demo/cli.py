@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, argv) -> int:
+    if args.command in ("train", "evaluate"):
+        from .malloc import tune_for_batch_work
+
+        tune_for_batch_work()
     if args.command == "train":
         from .train import TrainSettings, train
 

@@ -23,6 +23,7 @@ import gradio as gr
 
 from .explain import DEFAULT_METHODS, METHODS, SLOW_METHODS
 from .imaging import ImageInputError
+from .malloc import tune_for_serving
 from .predictor import AUTO, Predictor, StudyAnalysis
 from .render import COLORMAPS, DISCLAIMER, METHOD_LABELS
 from .report import REPORT_FORMATS, reading_lines, render_report
@@ -34,7 +35,6 @@ from .uploads import (
     read_upload,
     read_uploads,
     report_file,
-    run_every,
 )
 from .weights import HUB_PREFIX, WeightsError
 
@@ -264,21 +264,6 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
     return demo
 
 
-def tune_malloc(arenas: int = 2, trim_every: float = 5.0) -> None:
-    """Keep the server's resident memory flat under glibc: cap the per-thread malloc arenas (Gradio's
-    worker threads otherwise each keep their own freed memory) and hand freed pages back to the system
-    every few seconds (freed holes between live blocks otherwise stay resident)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return  # not glibc: nothing to tune
-    run_every(trim_every, lambda: trim(0), "malloc-trim")
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python app.py`: load the weights, build the UI and serve it."""
     parser = argparse.ArgumentParser(description="Serve the MURA demo")
@@ -291,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "--examples", default=os.environ.get(EXAMPLES_ENV), help=f"folder of examples (${EXAMPLES_ENV})"
     )
     args = parser.parse_args(argv)
-    tune_malloc()
+    tune_for_serving()
     # SIGTERM (how Spaces, containers and process managers stop a server) stops it as Ctrl-C does,
     # so the upload folder is emptied on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
