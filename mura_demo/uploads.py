@@ -9,6 +9,7 @@ killed before it could clean up leaves an unlocked folder, which the next server
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -80,16 +81,22 @@ def sweep_uploads(folder: Path, max_age: float) -> int:
     Gradio stores identical uploads at one path, so a file cannot be deleted the moment one
     request has read it (a concurrent request may still need it); it is deleted shortly after.
     """
-    removed, now = 0, time.time()
-    for path in sorted(folder.rglob("*"), reverse=True):
-        try:
-            if path.is_file() and now - path.stat().st_mtime >= max_age:
-                path.unlink()
-                removed += 1
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        except OSError:
-            pass  # removed meanwhile by Gradio or another sweep
+    removed, now, old_folders = 0, time.time(), set()
+    for parent, dirs, files in os.walk(folder, topdown=False):  # bottom-up; a folder gone mid-walk is skipped
+        with contextlib.suppress(OSError):
+            if now - os.stat(parent).st_mtime >= max_age:  # before its files go; a fresh one may be filling
+                old_folders.add(parent)
+        for path in [Path(parent, name) for name in files]:
+            try:
+                if now - path.stat().st_mtime >= max_age:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                pass  # removed meanwhile by Gradio or another sweep
+        for name in dirs:
+            if os.path.join(parent, name) in old_folders:
+                with contextlib.suppress(OSError):  # not empty, or gone
+                    os.rmdir(os.path.join(parent, name))
     return removed
 
 
@@ -99,7 +106,10 @@ def run_every(seconds: float, task: Callable[[], object], name: str) -> threadin
     def loop():
         while True:
             time.sleep(seconds)
-            task()
+            try:
+                task()
+            except Exception:  # one failed round must not end the thread for the server's life
+                logging.getLogger(__name__).exception("%s failed; trying again in %s s", name, seconds)
 
     thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()

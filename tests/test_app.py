@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -114,8 +115,14 @@ def test_uploads_are_not_kept(app, radiographs):
     data = radiographs["forearm_2"].read_bytes()
     call(client, radiographs["forearm_2"], "auto", api_name="/predict")
 
-    def kept():
-        return [p for p in temp.rglob("*") if p.is_file() and p.stat().st_size == len(data) and p.read_bytes() == data]
+    def holds_upload(path):
+        try:
+            return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+        except FileNotFoundError:  # the sweeper removed it between listing and reading
+            return False
+
+    def kept():  # os.walk, unlike Path.rglob, skips a folder the sweeper removes mid-walk
+        return [p for d, _, names in os.walk(temp) for p in (Path(d) / n for n in names) if holds_upload(p)]
 
     deadline = time.time() + 30  # the app runs with MURA_DEMO_UPLOAD_TTL=10 s
     while kept() and time.time() < deadline:

@@ -4,23 +4,49 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 from conftest import start_app
 from gradio_client import handle_file
 
-from mura_demo.uploads import PRIVATE_PREFIX, lock_folder, new_private_folder, remove_abandoned_folders, sweep_uploads
+from mura_demo.uploads import (
+    PRIVATE_PREFIX,
+    lock_folder,
+    new_private_folder,
+    remove_abandoned_folders,
+    run_every,
+    sweep_uploads,
+)
 
 
 def test_sweep_removes_only_old_files(tmp_path):
     old, new = tmp_path / "a" / "old.png", tmp_path / "new.png"
+    filling = tmp_path / "b"  # Gradio made it and is about to write the upload into it
     old.parent.mkdir()
+    filling.mkdir()
     old.write_bytes(b"x")
     new.write_bytes(b"y")
-    os.utime(old, (time.time() - 120, time.time() - 120))
+    for path in (old, old.parent):
+        os.utime(path, (time.time() - 120, time.time() - 120))
     assert sweep_uploads(tmp_path, 60) == 1
     assert not old.parent.exists() and new.exists()  # the emptied sub-folder goes too
+    assert filling.is_dir()  # an empty folder younger than the TTL stays
     assert sweep_uploads(tmp_path, 0) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_sweep_does_not_end_the_sweeper():
+    rounds, again = [], threading.Event()
+
+    def sweep():
+        rounds.append(1)
+        if len(rounds) == 1:
+            raise OSError("the folder went away")
+        again.set()
+        threading.Event().wait()  # park the daemon thread for the rest of the session
+
+    run_every(0.01, sweep, "test-sweeper")
+    assert again.wait(5)
 
 
 def test_only_abandoned_folders_are_removed(tmp_path):
