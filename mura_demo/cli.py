@@ -150,10 +150,10 @@ def run(args, argv) -> int:
             from .explain import method_slug
 
             methods = tuple(m.strip() for m in args.method.split(","))
-            analysis = predictor.analyze(args.image, args.body_part, methods)
+            explanation = predictor.explain(args.image, args.body_part, methods)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            for method, rgb in analysis.overlays().items():
+            for method, rgb in explanation.overlays().items():
                 path = out / f"{Path(args.image).stem}_{method_slug(method)}.png"
                 Image.fromarray(rgb).save(path)
                 print(path)

@@ -26,18 +26,24 @@ def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> t
     return model(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
 
 
-def answer_from(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def answer_from(
+    model: torch.nn.Module, config: ModelConfig, x: torch.Tensor, body_part: bool = True, abnormality: bool = True
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Run the passes that complete the answer for ``x`` beyond its own forward pass (the mirror
     image, the coarser body-part view) and return the map from ``x``'s own logits to the answer.
 
     The explanation maps need ``x``'s own pass with gradients; every other pass runs here without.
+    ``body_part`` and ``abnormality`` say which columns of the answer must be complete: a caller that
+    only routes on the body part, or not even that, is spared the passes it would not read.
     """
     n_parts = len(config.body_part_classes)
     size = config.body_part_input_size
+    coarse_view = body_part and size and size != x.shape[-1]
     with torch.no_grad():
-        mirrored = model(x.flip(-1)) if config.test_time_flip else None
+        mirror = config.test_time_flip and (abnormality or (body_part and not coarse_view))
+        mirrored = model(x.flip(-1)) if mirror else None
         coarse = None
-        if size and size != x.shape[-1]:
+        if coarse_view:
             small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             coarse = flip_mean(model, config, small)[:, :n_parts]
 

@@ -50,16 +50,22 @@ class Prediction:
 
 
 @dataclasses.dataclass
-class Analysis:
-    """A prediction with the maps behind it and what is needed to draw them."""
+class Explanation:
+    """Explanation maps of one radiograph and what is needed to draw them."""
 
-    prediction: Prediction
     image: Image.Image
     box: Box
     maps: dict[str, np.ndarray]
 
     def overlays(self, opacity: float = 0.5, colormap: str = "jet") -> dict[str, np.ndarray]:
         return {m: overlay(self.image, cam, self.box, opacity, colormap) for m, cam in self.maps.items()}
+
+
+@dataclasses.dataclass
+class Analysis(Explanation):
+    """A prediction with the maps behind it."""
+
+    prediction: Prediction
 
 
 @dataclasses.dataclass
@@ -124,6 +130,15 @@ class Predictor:
         image = load_image(source)
         return self.analyze_view(image, to_model_input(image, self.config), body_part, methods, threshold)
 
+    def explain(self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS) -> Explanation:
+        """The maps alone (what ``/explain`` serves), from only the passes they need: the shared pass, and
+        with "auto" the passes the body part is read from; none for the abnormality probability. No maps
+        when the body-part head says the image is not an upper-extremity radiograph."""
+        body_part = self.check_body_part(body_part)
+        image = load_image(source)
+        x, box = to_model_input(image, self.config)
+        return Explanation(image, box, self.explained(x, body_part, methods, maps_only=True)[1])
+
     def analyze_view(
         self,
         image: Image.Image,
@@ -133,10 +148,23 @@ class Predictor:
         threshold,
         answer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Analysis:
-        """One decoded and preprocessed view (request already checked): the fast maps from one shared
-        pass under the model's lock, then the slow ones on the spare copy, for the column the answer
-        routes to. ``answer`` (from :meth:`view_answer`) spares running the view's extra passes again."""
+        """One decoded and preprocessed view (request already checked), read and explained.
+        ``answer`` (from :meth:`view_answer`) spares running the view's extra passes again."""
         x, box = model_input
+        logits, maps = self.explained(x, body_part, methods, answer)
+        return Analysis(image, box, maps, self.interpret(logits, body_part, threshold))
+
+    def explained(
+        self,
+        x: torch.Tensor,
+        body_part: str,
+        methods,
+        answer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        maps_only: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """The answer's logits and the maps of the column it routes to: the fast maps from one shared
+        pass under the model's lock, then the slow ones on the spare copy. With ``maps_only`` the logits
+        are complete only as far as routing needs them."""
 
         def column_of(logits: torch.Tensor) -> int | None:
             part = self.route(logits, body_part)
@@ -144,7 +172,9 @@ class Predictor:
 
         fast = [m for m in methods if m not in SLOW_METHODS]
         with self.lock:
-            answer = answer or answer_from(self.model, self.config, x)
+            if answer is None:
+                complete = {"abnormality": False, "body_part": body_part == AUTO} if maps_only else {}
+                answer = answer_from(self.model, self.config, x, **complete)
             logits, maps = explain(self.model, self.target_layer, x, lambda lg: column_of(answer(lg)), fast)
         logits = answer(logits)
         slow, column = [m for m in methods if m in SLOW_METHODS], column_of(logits)
@@ -152,7 +182,7 @@ class Predictor:
             layer = self.slow_model.get_submodule(self.config.cam_layer)
             with self.slow_lock:
                 maps |= explain(self.slow_model, layer, x, lambda _: column, slow)[1]
-        return Analysis(self.interpret(logits, body_part, threshold), image, box, maps)
+        return logits, maps
 
     def analyze_study(
         self, sources, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
@@ -190,7 +220,7 @@ class Predictor:
             ]
         else:  # no maps; for 'other' each view keeps its own answer
             analyses = [
-                Analysis(p if part == OTHER else self.interpret(lg, part, threshold), view, box, {})
+                Analysis(view, box, {}, p if part == OTHER else self.interpret(lg, part, threshold))
                 for p, lg, view, (_, box) in zip(first, logits, views, inputs)
             ]
         if part != OTHER:

@@ -158,13 +158,13 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
         with shown_to_user():
             if method not in METHODS:
                 raise ImageInputError(f"Unknown method '{method}'. Choose one of: {', '.join(METHODS)}.")
-            analysis = predictor.analyze(read_upload(upload), body_part, (method,))
-            if not analysis.maps:
+            explanation = predictor.explain(read_upload(upload), body_part, (method,))
+            if not explanation.maps:
                 raise ImageInputError(
                     "This does not look like an upper-extremity radiograph, so there is no abnormality to explain. "
                     "Pass a body part instead of 'auto' to explain it anyway."
                 )
-        return png_file(analysis.overlays()[method])
+        return png_file(explanation.overlays()[method])
 
     def report_api(uploads, body_part: str = AUTO, kind: str = "pdf", threshold: float = 0.0):
         with shown_to_user():

@@ -66,6 +66,31 @@ def test_body_part_is_read_from_the_coarser_view(predictor, radiographs):
     assert analysis.prediction.abnormality_probability == predicted.abnormality_probability
 
 
+@pytest.mark.parametrize("coarse_size", [None, 224])
+def test_maps_alone_run_only_the_passes_they_need(predictor, radiographs, coarse_size):
+    """`/explain` serves maps alone: they must equal the full analysis's, from fewer images through the
+    network (no mirror for the abnormality probability; no body-part view when the part is given)."""
+    flipping = predictor_with(predictor, test_time_flip=True, body_part_input_size=coarse_size)
+    seen = []
+    hook = predictor.model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    try:
+        for name, part in [("forearm", "auto"), ("humerus", "humerus"), ("chest", "auto"), ("chest", "forearm")]:
+            seen.clear()
+            full = flipping.analyze(radiographs[name], part, ("gradcam", "saliency"))
+            full_passes, seen[:] = sum(seen), []
+            alone = flipping.explain(radiographs[name], part, ("gradcam", "saliency"))
+            assert alone.maps.keys() == full.maps.keys() and alone.box == full.box
+            for method, cam in full.maps.items():
+                np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
+            # images through the network: the shared pass, plus what routing "auto" reads the part from
+            routing = 0 if part != "auto" else 2 if coarse_size else 1
+            assert sum(seen) == 1 + routing
+            assert full_passes == 2 + (2 if coarse_size else 0)  # image and mirror, both again at the coarse size
+        assert not flipping.explain(radiographs["chest"], "auto").maps  # not an arm: nothing to explain
+    finally:
+        hook.remove()
+
+
 def test_study_reads_every_view_at_the_study_part(predictor, study):
     analysis = predictor.analyze_study(study, "auto", ("gradcam", "saliency"))
     st = analysis.study
