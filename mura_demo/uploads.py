@@ -76,7 +76,8 @@ def png_file(rgb) -> str:
 
 
 def sweep_uploads(folder: Path, max_age: float) -> int:
-    """Delete files in ``folder`` older than ``max_age`` seconds; returns how many.
+    """Delete files in ``folder`` older than ``max_age`` seconds, and the folders they leave empty
+    (a younger empty folder stays: Gradio may be about to write into it); returns how many files.
 
     Gradio stores identical uploads at one path, so a file cannot be deleted the moment one
     request has read it (a concurrent request may still need it); it is deleted shortly after.
@@ -86,17 +87,15 @@ def sweep_uploads(folder: Path, max_age: float) -> int:
         with contextlib.suppress(OSError):
             if now - os.stat(parent).st_mtime >= max_age:  # before its files go; a fresh one may be filling
                 old_folders.add(parent)
-        for path in [Path(parent, name) for name in files]:
-            try:
-                if now - path.stat().st_mtime >= max_age:
-                    path.unlink()
+        for path in (os.path.join(parent, name) for name in files):
+            with contextlib.suppress(OSError):  # removed meanwhile by Gradio or another sweep
+                if now - os.stat(path).st_mtime >= max_age:
+                    os.unlink(path)
                     removed += 1
-            except OSError:
-                pass  # removed meanwhile by Gradio or another sweep
-        for name in dirs:
-            if os.path.join(parent, name) in old_folders:
+        for path in (os.path.join(parent, name) for name in dirs):
+            if path in old_folders:
                 with contextlib.suppress(OSError):  # not empty, or gone
-                    os.rmdir(os.path.join(parent, name))
+                    os.rmdir(path)
     return removed
 
 
