@@ -1,0 +1,80 @@
+"""Weight folders scored on the training holdout, alone and combined, before any of them earns a look at `valid`.
+
+For each folder: its holdout score (the mean study AUROC of the parts with labels, as training selects by), each
+part's study AUROC and kappa at its thresholds, and body-part accuracy, read as its config says. With two folders
+or more: the uniform average of their weights (one network, the same cost to serve; read as the first folder's config
+says) and the mean of their outputs (an ensemble, n times the cost). With ``--scales``: each folder also read at
+those input sizes, outputs averaged. MURA ``valid`` is never read.
+
+    python -m benchmarks.holdout_variants weights runs/s1/weights --scales 256 288
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+
+import torch
+
+from mura_demo.data import load_images, load_splits
+from mura_demo.inference import score_images
+from mura_demo.metrics import binary_metrics
+from mura_demo.train import holdout_report, part_study_scores
+from mura_demo.weights import load_folder
+
+
+def figures(config, holdout, bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
+    """The holdout score, body-part accuracy, and each labelled part's study AUROC and kappa."""
+    report = holdout_report(config, holdout, bp_prob, ab_prob)
+    parts = {}
+    for part, (_, labels, scores) in part_study_scores(config, holdout, ab_prob).items():
+        m = binary_metrics(labels, scores, config.thresholds[part])
+        parts[part] = {"auroc": round(m["auroc"], 4), "kappa": round(m["kappa"], 4)}
+    return {"score": round(report["score"], 4), "body_part_accuracy": round(report["body_part_accuracy"], 4), **parts}
+
+
+def mean_outputs(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([o[0] for o in outputs]).mean(0), torch.stack([o[1] for o in outputs]).mean(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+", help="weight folders (model.safetensors + config.json)")
+    parser.add_argument("--scales", type=int, nargs="*", default=[], help="input sizes to read each folder at too")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    holdout = load_splits(args.data_root)["holdout"]
+    images_at = functools.cache(lambda size: load_images(holdout, size))
+    loaded = [load_folder(folder) for folder in args.folders]
+    rows, outputs = {}, []
+    for folder, (model, config) in zip(args.folders, loaded):
+        outputs.append(score_images(model, config, images_at(config.input_size)))
+        rows[folder] = figures(config, holdout, *outputs[-1])
+        if args.scales:
+            sizes = [dataclasses.replace(config, input_size=s) for s in args.scales]
+            scaled = mean_outputs([score_images(model, c, images_at(c.input_size)) for c in sizes])
+            rows[f"{folder} at {'+'.join(map(str, args.scales))} px"] = figures(config, holdout, *scaled)
+    if len(loaded) > 1:
+        model, config = loaded[0]
+        states = [m.state_dict() for m, _ in loaded]
+        model.load_state_dict(
+            {
+                k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+                for k, v in states[0].items()
+            }
+        )
+        rows["weight average"] = figures(config, holdout, *score_images(model, config, images_at(config.input_size)))
+        rows["output mean"] = figures(config, holdout, *mean_outputs(outputs))
+    for name, row in rows.items():
+        print(f"{name}: {json.dumps(row)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
