@@ -55,8 +55,15 @@ def main() -> None:
         outputs.append(score_images(model, config, images_at(config.input_size)))
         rows[folder] = figures(config, holdout, *outputs[-1])
         if args.scales:
-            sizes = [dataclasses.replace(config, input_size=s) for s in args.scales]
-            scaled = mean_outputs([score_images(model, c, images_at(c.input_size)) for c in sizes])
+            configs = [dataclasses.replace(config, input_size=s) for s in args.scales]
+            scaled = mean_outputs(  # the folder's own size is already read
+                [
+                    outputs[-1]
+                    if c.input_size == config.input_size
+                    else score_images(model, c, images_at(c.input_size))
+                    for c in configs
+                ]
+            )
             rows[f"{folder} at {'+'.join(map(str, args.scales))} px"] = figures(config, holdout, *scaled)
     if len(loaded) > 1:
         model, config = loaded[0]
