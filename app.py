@@ -2,7 +2,7 @@
 
 import sys
 
-from mura_demo.ui import main
+from mura_demo.serving.ui import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -18,11 +18,11 @@ import json
 
 import torch
 
-from mura_demo.data import load_images, load_splits
-from mura_demo.inference import score_images
-from mura_demo.metrics import binary_metrics
-from mura_demo.train import holdout_report, part_study_scores
-from mura_demo.weights import load_folder
+from mura_demo.core.inference import score_images
+from mura_demo.core.weights import load_folder
+from mura_demo.training.data import load_images, load_splits
+from mura_demo.training.metrics import binary_metrics
+from mura_demo.training.train import holdout_report, part_study_scores
 
 
 def figures(config, holdout, bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:

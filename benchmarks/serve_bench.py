@@ -44,10 +44,10 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from mura_demo.imaging import load_image
-    from mura_demo.predictor import Predictor
-    from mura_demo.preprocess import to_model_input
-    from mura_demo.report import render_report
+    from mura_demo.core.imaging import load_image
+    from mura_demo.serving.predictor import Predictor
+    from mura_demo.serving.reading import routed_part
+    from mura_demo.serving.report import render_report
 
     predictor = Predictor.from_spec(str(ROOT / "weights"))
     model, layer, cfg = predictor.model, predictor.target_layer, predictor.config
@@ -55,9 +55,9 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     def naive(path):
         """The same answer (every pass of the config's test-time views), then three separate library
         calls, each with its own forward and backward."""
-        image = load_image(path)
-        x, _ = to_model_input(image, cfg)
-        part = predictor.route(predictor.input_logits(x), "auto") or "forearm"
+        view = predictor.view(load_image(path))
+        x = view.x
+        part = routed_part(cfg, view.scores.body_part, "auto")[0] or "forearm"
         target = [ClassifierOutputTarget(cfg.abnormality_index(part))]
         for cls in (GradCAM, GradCAMPlusPlus):
             with cls(model, [layer]) as cam:

@@ -1,12 +1,15 @@
-"""The ``mura-demo`` command line (also ``python -m mura_demo``).
+"""The command line: ``python -m mura_demo`` (or ``mura-demo`` once the package is installed).
 
 train     train on MURA + UNIFESP and export a weights folder
 evaluate  score weights on held-out data (report, plots, optional model card)
 upload    publish a weights folder to a Hub model repo (--dry-run to check only)
-predict   body part, abnormality probability and verdict for images
+predict   body part, abnormality probability and verdict for images (files or folders)
 explain   write explanation overlays for an image
 report    a one-page report (PDF or PNG) for an image or the views of one study
 batch     predict a folder tree: predictions.csv, studies.csv and heatmaps
+
+Every command that cannot do what was asked exits non-zero with a one-line reason on stderr.
+Training code is imported only by the commands that train or evaluate.
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from .core.checks import SUFFIXES, UserError
+from .core.weights import WeightsError
+from .training.settings import EvalSettings, TrainSettings
+
+
+def methods_list(text: str) -> tuple[str, ...]:
+    """``--method gradcam,saliency`` -> ("gradcam", "saliency"); names are checked with the request."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
@@ -30,131 +42,174 @@ def settings_from(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The named files, with each named folder replaced by the images under it (sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            if not found:
+                raise UserError(f"{path} holds no image ({', '.join(SUFFIXES)}).")
+            files += found
+        else:
+            files.append(str(path))
+    return files
+
+
+def predictor_for(args):
+    from .serving.predictor import Predictor
+
+    return Predictor.from_spec(args.weights)
+
+
+def run_train(args) -> None:
+    from .core.malloc import tune_for_batch_work
+    from .training.train import train
+
+    tune_for_batch_work()
+    train(settings_from(TrainSettings, args))
+
+
+def run_evaluate(args) -> None:
+    from .core.malloc import tune_for_batch_work
+    from .training.card import write_model_card
+    from .training.evaluate import evaluate, summary_table
+
+    tune_for_batch_work()
+    settings = settings_from(EvalSettings, args)
+    report = evaluate(settings)
+    print(summary_table(report))
+    print(json.dumps(report["body_part"] | {"confusion_matrix": "see report.json"}, indent=1))
+    if args.card:
+        print(f"model card: {write_model_card(settings.weights, report | {'n_boot': settings.n_boot})}")
+
+
+def run_upload(args) -> None:
+    from .core.weights import upload_to_hub
+
+    for line in upload_to_hub(args.weights, args.repo_id, dry_run=args.dry_run, revision=args.revision):
+        print(("would upload " if args.dry_run else "uploaded ") + line)
+
+
+PREDICT_COLUMNS = ("image", "body_part", "body_part_status", "abnormality_probability", "threshold", "verdict",
+                   "validated")  # fmt: skip
+
+
+def run_predict(args) -> None:
+    predictor = predictor_for(args)
+    images = image_files(args.images)
+    if args.study:
+        result = predictor.predict_study(images, args.body_part, args.threshold)
+        if args.json:
+            print(json.dumps(result))
+            return
+        rows = [{"image": "study", **result["study"]}]
+    else:
+        rows = [
+            {"image": image, **predictor.predict(image, args.body_part, args.threshold).to_dict()} for image in images
+        ]
+        if args.json:
+            print("\n".join(json.dumps(row) for row in rows))
+            return
+    print("\t".join(PREDICT_COLUMNS))
+    for row in rows:
+        print("\t".join("-" if row[c] is None else str(row[c]) for c in PREDICT_COLUMNS))
+        if row["note"]:
+            print(f"  note: {row['note']}")
+
+
+def run_explain(args) -> None:
+    from PIL import Image
+
+    from .core.explain import method_slug
+
+    explanation = predictor_for(args).explain(args.image, args.body_part, args.method)
+    if not explanation.maps:
+        raise UserError(
+            f"{args.image} does not look like an upper-extremity radiograph, so there is nothing to explain; "
+            "pass --body-part to explain it anyway."
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for method, rgb in explanation.overlays().items():
+        path = out / f"{Path(args.image).stem}_{method_slug(method)}.png"
+        Image.fromarray(rgb).save(path)
+        print(path)
+
+
+def run_report(args) -> None:
+    from .serving.report import render_report, report_kind, save_report
+
+    report_kind(args.out)  # a wrong suffix fails before the work, not after
+    analysis = predictor_for(args).analyze_study(image_files(args.images), args.body_part, args.method, args.threshold)
+    print(save_report(render_report(analysis), args.out))
+
+
+def run_batch(args) -> None:
+    from .serving.batch import run_batch as batch
+
+    counts = batch(predictor_for(args), args.folder, args.out, args.body_part, args.method, args.studies)
+    print(json.dumps(counts))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import EvalSettings
-    from .train import TrainSettings
+    from .serving.batch import STUDY_RULES
 
     parser = argparse.ArgumentParser(
         prog="mura-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_dataclass_options(sub.add_parser("train", help="train and export a weights folder"), TrainSettings)
-    p_eval = sub.add_parser("evaluate", help="score weights on MURA valid and the UNIFESP test share")
-    add_dataclass_options(p_eval, EvalSettings)
-    p_eval.add_argument("--card", action="store_true", help="also write the model card into the weights folder")
-    p_up = sub.add_parser("upload", help="upload a weights folder to a Hub model repo")
-    p_up.add_argument("repo_id")
-    p_up.add_argument("--weights", default="weights")
-    p_up.add_argument("--revision", default=None)
-    p_up.add_argument("--dry-run", action="store_true")
-    p_pred = sub.add_parser("predict", help="classify images")
-    p_pred.add_argument("images", nargs="+")
-    p_pred.add_argument("--body-part", default="auto")
-    p_pred.add_argument("--threshold", type=float, default=None)
-    p_pred.add_argument("--weights", default=None)
-    p_pred.add_argument("--json", action="store_true")
-    p_pred.add_argument("--study", action="store_true", help="the images are views of one study")
-    p_exp = sub.add_parser("explain", help="write explanation overlays as PNG")
-    p_exp.add_argument("image")
-    p_exp.add_argument("--method", default="gradcam,gradcam++,saliency")
-    p_exp.add_argument("--body-part", default="auto")
-    p_exp.add_argument("--out", required=True)
-    p_exp.add_argument("--weights", default=None)
-    p_rep = sub.add_parser("report", help="one-page report (PDF or PNG) for an image or one study's views")
-    p_rep.add_argument("images", nargs="+")
-    p_rep.add_argument("--out", required=True, help="report file, .pdf or .png")
-    p_rep.add_argument("--method", default="gradcam,gradcam++,saliency")
-    p_rep.add_argument("--body-part", default="auto")
-    p_rep.add_argument("--threshold", type=float, default=None)
-    p_rep.add_argument("--weights", default=None)
-    p_batch = sub.add_parser("batch", help="predict a folder tree: predictions.csv, studies.csv, heatmaps/")
-    p_batch.add_argument("folder")
-    p_batch.add_argument("--out", required=True)
-    p_batch.add_argument("--body-part", default="auto")
-    p_batch.add_argument("--method", default="gradcam", help="comma-separated maps to save")
-    p_batch.add_argument("--weights", default=None)
+
+    def command(name: str, func, help: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(func=func)
+        return p
+
+    def reading_options(p: argparse.ArgumentParser, methods: str | None = "gradcam,gradcam++,saliency") -> None:
+        p.add_argument("--body-part", default="auto", help="a body part, or 'auto' to let the model decide")
+        p.add_argument("--weights", default=None, help="weights folder or hf://owner/name@revision")
+        if methods:
+            p.add_argument("--method", type=methods_list, default=methods_list(methods), help=f"default: {methods}")
+
+    add_dataclass_options(command("train", run_train, "train and export a weights folder"), TrainSettings)
+    p = command(
+        "evaluate", run_evaluate, "score weights on MURA valid, the elbow test share and the UNIFESP test share"
+    )
+    add_dataclass_options(p, EvalSettings)
+    p.add_argument("--card", action="store_true", help="also write the model card into the weights folder")
+    p = command("upload", run_upload, "upload a weights folder to a Hub model repo")
+    p.add_argument("repo_id")
+    p.add_argument("--weights", default="weights")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dry-run", action="store_true")
+    p = command("predict", run_predict, "classify images (files, or folders of them)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument("--study", action="store_true", help="the images are views of one study")
+    reading_options(p, methods=None)
+    p = command("explain", run_explain, "write explanation overlays as PNG")
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    reading_options(p)
+    p = command("report", run_report, "one-page report (PDF or PNG) for an image or one study's views")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="report file, .pdf or .png")
+    p.add_argument("--threshold", type=float, default=None)
+    reading_options(p)
+    p = command("batch", run_batch, "predict a folder tree: predictions.csv, studies.csv, heatmaps/")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--studies", choices=list(STUDY_RULES), default="auto", help="; ".join(STUDY_RULES.values()))
+    reading_options(p, methods="gradcam")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    from .imaging import ImageInputError
-    from .weights import WeightsError
-
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return run(args, argv)
-    except (WeightsError, ImageInputError, FileNotFoundError, ValueError) as err:
+        args.func(args)
+    except (WeightsError, UserError, FileNotFoundError, ValueError) as err:
         print(f"mura-demo: {err}", file=sys.stderr)
         return 2
-
-
-def run(args, argv) -> int:
-    if args.command in ("train", "evaluate"):
-        from .malloc import tune_for_batch_work
-
-        tune_for_batch_work()
-    if args.command == "train":
-        from .train import TrainSettings, train
-
-        train(settings_from(TrainSettings, args))
-    elif args.command == "evaluate":
-        from .card import write_model_card
-        from .evaluate import EvalSettings, evaluate, summary_table
-
-        settings = settings_from(EvalSettings, args)
-        report = evaluate(settings)
-        print(summary_table(report))
-        print(json.dumps(report["body_part"] | {"confusion_matrix": "see report.json"}, indent=1))
-        if args.card:
-            print(f"model card: {write_model_card(settings.weights, report | {'n_boot': settings.n_boot})}")
-    elif args.command == "upload":
-        from .card import upload
-
-        for line in upload(args.weights, args.repo_id, dry_run=args.dry_run, revision=args.revision):
-            print(("would upload " if args.dry_run else "uploaded ") + line)
-    elif args.command == "batch":
-        from .batch import run_batch
-        from .predictor import Predictor
-
-        methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
-        counts = run_batch(Predictor.from_spec(args.weights), args.folder, args.out, args.body_part, methods)
-        print(json.dumps(counts))
-    elif args.command in ("predict", "explain", "report"):
-        from .predictor import Predictor
-
-        predictor = Predictor.from_spec(args.weights)
-        if args.command == "report":
-            from .report import render_report, report_kind, save_report
-
-            report_kind(args.out)  # a wrong suffix fails before the work, not after
-            methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
-            analysis = predictor.analyze_study(args.images, args.body_part, methods, args.threshold)
-            print(save_report(render_report(analysis), args.out))
-        elif args.command == "predict" and args.study:
-            result = predictor.predict_study(args.images, args.body_part, args.threshold)
-            st = result["study"]
-            prob = "-" if st["abnormality_probability"] is None else f"{st['abnormality_probability']:.3f}"
-            print(json.dumps(result) if args.json else f"study\t{st['body_part']}\t{prob}\t{st['verdict']}")
-        elif args.command == "predict":
-            for image in args.images:
-                p = predictor.predict(image, args.body_part, args.threshold)
-                if args.json:
-                    print(json.dumps({"image": image, **p.to_dict()}))
-                else:
-                    prob = "-" if p.abnormality_probability is None else f"{p.abnormality_probability:.3f}"
-                    print(f"{image}\t{p.body_part or p.predicted_body_part}\t{prob}\t{p.verdict}")
-        else:
-            from PIL import Image
-
-            from .explain import method_slug
-
-            methods = tuple(m.strip() for m in args.method.split(","))
-            explanation = predictor.explain(args.image, args.body_part, methods)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            for method, rgb in explanation.overlays().items():
-                path = out / f"{Path(args.image).stem}_{method_slug(method)}.png"
-                Image.fromarray(rgb).save(path)
-                print(path)
     return 0

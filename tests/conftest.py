@@ -1,9 +1,17 @@
 """Shared fixtures. The Hub endpoint and cache are set here, before huggingface_hub is imported,
-so every Hub call in the tests goes to the loopback server in ``hub_server.py``."""
+so every Hub call in the tests goes to the loopback server in ``hub_server.py``.
+
+Behaviour tests run on synthetic images and the bundled weights, so a checkout without the shared
+data still tests the app; tests that need real radiographs (accuracy, training) say so and skip.
+"""
 
 from __future__ import annotations
 
+import atexit
+import io
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -23,6 +32,7 @@ def free_port() -> int:
 HUB_PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mura-hub-cache-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)  # tests leave nothing behind
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "3"
 os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = "5"
@@ -49,6 +59,62 @@ def bundled_is_trained() -> bool:
 
 
 needs_weights = pytest.mark.skipif(not bundled_is_trained(), reason="weights/ holds no trained model yet")
+
+
+def synthetic_radiograph(seed: int = 0, size: tuple[int, int] = (240, 320), angle: float = 0.0) -> bytes:
+    """A PNG of two blurred bright "bones" on a dark field: radiograph-like, not a radiograph."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    image = Image.new("L", size, int(rng.integers(10, 40)))
+    draw = ImageDraw.Draw(image)
+    for left, width in ((0.35, 0.16), (0.58, 0.12)):
+        x0 = int(w * (left + rng.uniform(-0.03, 0.03)))
+        draw.rounded_rectangle(
+            (x0, int(h * 0.06), x0 + int(w * width), int(h * 0.94)), 12, fill=int(rng.integers(170, 230))
+        )
+    noise = rng.normal(0, 6, (h, w))
+    image = image.rotate(angle).filter(ImageFilter.GaussianBlur(3))
+    pixels = np.clip(np.asarray(image, dtype=float) + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic radiograph-like PNG files on disk: "a", "b", "c" (three views), "wide" (landscape)."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    out = {}
+    for name, args in {
+        "a": (0,),
+        "b": (1, (240, 320), 8.0),
+        "c": (2, (260, 300), -6.0),
+        "wide": (3, (400, 220)),
+    }.items():
+        out[name] = folder / f"{name}.png"
+        out[name].write_bytes(synthetic_radiograph(*args))
+    return out
+
+
+def doctored_weights(folder: Path, favoured: str | tuple[str, ...], config_changes: dict | None = None) -> Path:
+    """A copy of the bundled weights whose body-part head answers ``favoured`` for every image (its
+    bias raised far above the others'; several classes share the answer evenly), with ``config_changes``
+    applied: a model whose routing a test knows in advance, to check the reading's rules through the app."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(BUNDLED, folder, ignore=shutil.ignore_patterns("*.md"))
+    config = json.loads((folder / "config.json").read_text())
+    classes = [*config["body_parts"], "other"]
+    tensors = load_file(folder / "model.safetensors")
+    rows = [classes.index(name) for name in ((favoured,) if isinstance(favoured, str) else favoured)]
+    for head in ("body_part_head.weight", "body_part_head.bias"):
+        tensors[head][rows] = tensors[head][rows[0]].clone()  # the favoured classes answer alike: a tie
+    tensors["body_part_head.bias"][rows] += 60.0
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config | (config_changes or {})))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +146,7 @@ def radiographs() -> dict[str, Path]:
     if labels.exists():
         import csv
 
-        from mura_demo.data import TEST_BUCKETS, bucket
+        from mura_demo.training.data import TEST_BUCKETS, bucket
 
         with open(labels, newline="") as fh:
             chest = [r["image"] for r in csv.DictReader(fh) if r["classes"] == "Chest"]
@@ -92,7 +158,7 @@ def radiographs() -> dict[str, Path]:
 def predictor():
     if not bundled_is_trained():
         pytest.skip("weights/ holds no trained model yet")
-    from mura_demo.predictor import Predictor
+    from mura_demo.serving.predictor import Predictor
 
     return Predictor.from_spec(str(BUNDLED))
 
@@ -124,13 +190,16 @@ def start_app(extra_env: dict[str, str], log: Path):
 
 @pytest.fixture(scope="session")
 def app(tmp_path_factory):
-    """The real app, started with `python app.py` on a free loopback port: (client, temp dir, url)."""
+    """The real app, started with `python app.py` on a free loopback port: (client, temp dir, url, log file)."""
+    if not bundled_is_trained():
+        pytest.skip("weights/ holds no trained model yet")
     temp = tmp_path_factory.mktemp("gradio-temp")
     env = {
         "GRADIO_TEMP_DIR": str(temp),
         "MURA_DEMO_UPLOAD_TTL": "10",  # short, to see files go; long enough for a browser download
     }
-    proc, client, url = start_app(env, tmp_path_factory.mktemp("app-log") / "app.log")
-    yield client, temp, url
+    log = tmp_path_factory.mktemp("app-log") / "app.log"
+    proc, client, url = start_app(env, log)
+    yield client, temp, url, log
     proc.terminate()
     proc.wait(timeout=30)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from mura_demo.train import TrainSettings, train
+from mura_demo.training.train import TrainSettings, train
 
 out, data_root, init = sys.argv[1], sys.argv[2], sys.argv[3]
 rank = int(__import__("os").environ["RANK"])

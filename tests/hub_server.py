@@ -1,15 +1,19 @@
 """A loopback HTTP server that answers the Hugging Face Hub's file-download requests.
 
-It speaks the part of the Hub protocol ``huggingface_hub.hf_hub_download`` uses:
-``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` with the ``X-Repo-Commit`` and ``ETag``
-headers, and 404s tagged with ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound).
-Point ``HF_ENDPOINT`` at it and the real client code runs unchanged.
+It speaks the part of the Hub protocol ``huggingface_hub.snapshot_download`` and
+``hf_hub_download`` use: ``GET /api/models/{repo_id}/revision/{revision}`` (which commit a revision
+is), ``GET /api/models/{repo_id}/tree/{commit}`` (its files), and ``HEAD``/``GET
+/{repo_id}/resolve/{revision}/{filename}`` with the ``X-Repo-Commit`` and ``ETag`` headers; 404s are
+tagged with ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound). Point ``HF_ENDPOINT``
+at it and the real client code runs unchanged.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -23,6 +27,7 @@ class FakeHub:
         self.refs: dict[str, dict[str, str]] = {}
         self.fail_with: int | None = None  # answer every request with this status (e.g. 500)
         self.requests: list[str] = []
+        self.after_next_request: Callable[[], None] | None = None  # runs once, after the next answer
         self.server: ThreadingHTTPServer | None = None
 
     @property
@@ -52,26 +57,59 @@ class FakeHub:
 
             def answer(self, body: bool):
                 hub.requests.append(f"{self.command} {self.path}")
+                try:
+                    self.route(body)
+                finally:
+                    hook, hub.after_next_request = hub.after_next_request, None
+                    if hook:
+                        hook()
+
+            def route(self, body: bool):
                 if hub.fail_with:
                     return self.error(hub.fail_with, None)
                 parts = unquote(self.path.split("?")[0]).strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
+                    return self.api(parts[4], "/".join(parts[2:4]), parts[5])
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self.error(404, "RepoNotFound")
                 repo_id, revision, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-                if repo_id not in hub.repos:
-                    return self.error(404, "RepoNotFound")
-                commit = hub.refs[repo_id].get(revision, revision)
-                if commit not in hub.repos[repo_id]:
-                    return self.error(404, "RevisionNotFound")
-                files = hub.repos[repo_id][commit]
+                commit, files = self.lookup(repo_id, revision)
+                if files is None:
+                    return
                 if filename not in files:
                     return self.error(404, "EntryNotFound", commit)
-                data = files[filename]
+                self.send(files[filename], "application/octet-stream", body, commit)
+
+            def lookup(self, repo_id: str, revision: str) -> tuple[str | None, dict | None]:
+                """The commit a revision names and its files, or (None, None) after answering a 404."""
+                if repo_id not in hub.repos:
+                    self.error(404, "RepoNotFound")
+                    return None, None
+                commit = hub.refs[repo_id].get(revision, revision)
+                if commit not in hub.repos[repo_id]:
+                    self.error(404, "RevisionNotFound")
+                    return None, None
+                return commit, hub.repos[repo_id][commit]
+
+            def api(self, kind: str, repo_id: str, revision: str):
+                commit, files = self.lookup(repo_id, revision)
+                if files is None:
+                    return
+                if kind == "revision":
+                    info = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": name} for name in files]}
+                else:
+                    info = [
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in files.items()
+                    ]
+                self.send(json.dumps(info).encode(), "application/json", True, commit)
+
+            def send(self, data: bytes, content_type: str, body: bool, commit: str):
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", commit)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
                 self.send_header("Content-Length", str(len(data)))
-                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Type", content_type)
                 self.end_headers()
                 if body:
                     self.wfile.write(data)

@@ -1,7 +1,10 @@
-"""End to end in headless Chromium: a radiograph, a study, a report and a bad file, as a user would."""
+"""End to end in headless Chromium (Debian's `chromium`; Playwright's own browser download cannot work
+offline), as a user meets the page: on a desktop and on a phone, with synthetic images and the bundled
+weights. Skips, saying why, where Chromium or Playwright is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -9,10 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import needs_data, needs_weights
+from conftest import doctored_weights, free_port, needs_weights
 
-pytestmark = [needs_weights, needs_data]
+from mura_demo.core.weights import load_model
+from mura_demo.serving.predictor import Predictor
+
+pytestmark = needs_weights
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
@@ -30,50 +37,61 @@ def browser():
         b.close()
 
 
-def test_upload_study_report_and_bad_file(app, browser, radiographs):
-    _, _, url = app
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+@pytest.fixture(scope="module")
+def upload_folder(tmp_path_factory):
+    """One upload folder for every demo this module serves in its process (Gradio reads it from the
+    environment on each request, so two demos with two folders would refuse each other's uploads)."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("in-process-uploads")
+        mp.setenv("GRADIO_TEMP_DIR", str(folder))
+        yield folder
+
+
+@contextlib.contextmanager
+def serve(predictor):
+    """The demo served in this process (so a test can look at its state and count its model's passes)."""
+    from mura_demo.serving.ui import build_demo, launch
+
+    demo = build_demo(predictor)
+    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def served_demo(predictor, upload_folder):
+    with serve(predictor) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def confirming_demo(tmp_path_factory, upload_folder):
+    """The demo on weights that call every image forearm and ask the user to confirm a detected part."""
+    folder = doctored_weights(tmp_path_factory.mktemp("w") / "forearm", "forearm", {
+        "body_part_confirmation": True, "body_part_confirmation_reason": "it named 40% of unseen-source parts right"
+    })  # fmt: skip
+    with serve(Predictor(load_model(str(folder)))) as served:
+        yield served
+
+
+def upload_files(page, paths) -> None:
+    page.locator("input[type=file]").first.set_input_files([str(p) for p in paths])
+
+
+def page_with_reading(browser, url: str, paths, viewport=None):
+    """A new page at ``url`` with ``paths`` uploaded and their reading on screen."""
+    page = browser.new_page(viewport=viewport or {"width": 1400, "height": 1000})
     page.goto(url)
-    page.get_by_text("Not a medical device").first.wait_for(timeout=30_000)
-    upload = page.locator("input[type=file]").first
-    # one radiograph: the verdict and the three default maps
-    upload.set_input_files(str(radiographs["humerus"]))
-    page.get_by_text("abnormality probability").first.wait_for(timeout=60_000)
-    page.locator("#maps img").nth(2).wait_for(timeout=30_000)
-    text = page.inner_text("body")
-    assert "Body part:" in text and "Decision threshold" in text
-    # several views of one study: a study verdict and one table row per view
-    study = sorted(radiographs["forearm"].parent.glob("*.png"))
-    clear_uploads(page)
-    upload.set_input_files([str(p) for p in study])
-    page.get_by_text(f"mean of {len(study)} views").first.wait_for(timeout=60_000)
-    page.locator("#maps img").nth(3 * len(study) - 1).wait_for(timeout=30_000)
-    header, *rows = page.get_by_role("grid", name="Views").get_by_role("row").all_inner_texts()
-    assert "verdict" in header and len(rows) == len(study) and all("forearm" in r for r in rows)
-    shots = Path(os.environ.get("MURA_DEMO_SCREENSHOTS", tempfile.gettempdir()))
-    page.screenshot(path=str(shots / "mura-demo-browser.png"), full_page=True)
-    # the one-page report of what is on screen
-    page.get_by_role("button", name="Create one-page report").click()
-    link = page.locator("#report a[download]").first
-    link.wait_for(timeout=60_000)
-    with page.expect_download() as download:
-        link.click()
-    assert download.value.suggested_filename == "mura-demo-report.pdf"
-    assert Path(download.value.path()).read_bytes()[:5] == b"%PDF-"
-    # a bad file gets a clear message and the page keeps working
-    bad = Path(tempfile.mkdtemp()) / "notes.png"
-    bad.write_bytes(b"not an image at all" * 10)
-    clear_uploads(page)
-    upload.set_input_files(str(bad))
-    page.get_by_text("not an image that can be read").first.wait_for(timeout=30_000)
-    page.close()
+    upload_files(page, paths)
+    page.locator("#summary li").first.wait_for(timeout=60_000)
+    return page
 
 
 def clear_uploads(page) -> None:
     """Clear the upload and wait for the blank page: a file set while the upload box is still being
     redrawn can land on the input that is going away (seen once in CI: the bad file never reached the server)."""
     page.get_by_label("Clear").first.click()
-    page.get_by_text("Upload a radiograph and press").wait_for(timeout=30_000)
+    page.get_by_text("it is analysed at once").wait_for(timeout=30_000)
 
 
 def set_threshold(page, threshold: float) -> None:
@@ -84,35 +102,116 @@ def set_threshold(page, threshold: float) -> None:
     page.get_by_text(f"Decision threshold: {threshold:.3f}").wait_for(timeout=30_000)
 
 
-@pytest.fixture(scope="module")
-def served_demo(predictor, tmp_path_factory):
-    """The demo served in this process (so a test can look at its state and count its model's passes): (demo, url)."""
-    from conftest import free_port
-
-    from mura_demo.ui import build_demo
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("in-process-uploads")))
-        demo = build_demo(predictor).queue()
-        _, url, _ = demo.launch(
-            server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True
-        )  # fmt: skip
-        yield demo, url
-        demo.close()
+def choose_body_part(page, part: str) -> None:
+    page.get_by_role("combobox", name="Body part").click()
+    page.get_by_role("option", name=part, exact=True).click()
 
 
-def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, radiographs, predictor):
+def test_upload_study_report_and_bad_file(served_demo, browser, images):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(served_demo[1])
+    page.get_by_text("Not a medical device").first.wait_for(timeout=30_000)
+    # one radiograph: the reading and the three default maps
+    upload_files(page, [images["a"]])
+    page.locator("#summary li").first.wait_for(timeout=60_000)
+    choose_body_part(page, "humerus")
+    page.get_by_text("Body part: humerus").wait_for(timeout=60_000)
+    page.locator("#maps img").nth(2).wait_for(timeout=30_000)
+    text = page.inner_text("#summary")
+    assert "Abnormality probability" in text and "Decision threshold" in text and "Validated reading" in text
+    # several views of one study: a study verdict and one table row per view, counted from 1
+    clear_uploads(page)
+    study = [images["a"], images["b"], images["c"]]
+    upload_files(page, study)
+    page.get_by_text("mean of 3 views").first.wait_for(timeout=60_000)
+    page.locator("#maps img").nth(3 * len(study) - 1).wait_for(timeout=30_000)
+    rows = page.locator("#views tbody tr").all_inner_texts()
+    assert [r.split()[0] for r in rows] == ["1", "2", "3"] and all("humerus" in r for r in rows)
+    shots = Path(os.environ.get("MURA_DEMO_SCREENSHOTS", tempfile.gettempdir()))
+    page.screenshot(path=str(shots / "mura-demo-browser.png"), full_page=True)
+    # the one-page report of what is on screen
+    page.get_by_role("button", name="Create one-page report").click()
+    link = page.locator("#report a[download]").first
+    link.wait_for(timeout=60_000)
+    with page.expect_download() as download:
+        link.click()
+    assert download.value.suggested_filename == "mura-demo-report.pdf"
+    assert Path(download.value.path()).read_bytes()[:5] == b"%PDF-"
+    # a bad file: one clear state, its message in the reading's place, no error badges; the page keeps working
+    bad = Path(tempfile.mkdtemp()) / "notes.png"
+    bad.write_bytes(b"not an image at all" * 10)
+    clear_uploads(page)
+    upload_files(page, [bad])
+    page.get_by_text("not an image that can be read").first.wait_for(timeout=30_000)
+    assert "Cannot analyse this" in page.inner_text("#summary") or "Cannot read" in page.inner_text("#summary")
+    assert "Error" not in page.inner_text("body") and page.locator("#maps img").count() == 0
+    clear_uploads(page)
+    upload_files(page, [images["b"]])
+    page.locator("#maps img").nth(2).wait_for(timeout=60_000)
+    page.close()
+
+
+def test_every_heading_and_button_is_drawn_in_one_font(served_demo, browser, images):
+    """Bold text must not mix faces (the theme's web font held only a few dozen glyphs: "MURᴀ", "ᴀʙNORMᴀL")."""
+    page = page_with_reading(browser, served_demo[1], [images["a"]])
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("DOM.enable")
+    cdp.send("CSS.enable")
+    root = cdp.send("DOM.getDocument", {"depth": -1})["root"]["nodeId"]
+    checked = 0
+    for selector in ("h1", "#summary h3", "button.primary", "button.secondary", "label span"):
+        for node in cdp.send("DOM.querySelectorAll", {"nodeId": root, "selector": selector})["nodeIds"][:6]:
+            fonts = cdp.send("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+            if fonts:  # a node with text of its own
+                assert len({f["familyName"] for f in fonts}) == 1, (selector, fonts)
+                checked += 1
+    assert checked >= 4
+    page.close()
+
+
+def test_on_a_phone_the_reading_is_in_the_first_screen(served_demo, browser, images):
+    page = page_with_reading(browser, served_demo[1], [images["a"], images["b"]], PHONE)
+    label = page.locator("#upload").get_by_text("Radiographs").first
+    assert label.evaluate("e => e.scrollWidth <= e.clientWidth + 1")  # the upload label is not clipped
+    # the verdict and the first lines of the reading (probability, threshold, body part) in the first screen
+    for line in (page.locator("#summary h3"), *page.locator("#summary li").all()[:3]):
+        box = line.bounding_box()
+        assert box["y"] + box["height"] <= PHONE["height"], (line.inner_text(), box)
+    table = page.locator("#views table")
+    table.wait_for(timeout=30_000)
+    assert table.evaluate("t => t.getBoundingClientRect().right <= window.innerWidth + 1")  # every column shows
+    page.locator("#maps img").first.wait_for(timeout=30_000)
+    captions = page.locator("#maps .caption-label, #maps figcaption, #maps .caption")
+    for i in range(captions.count()):
+        assert captions.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth + 1"), captions.nth(i).inner_text()
+    page.close()
+
+
+def test_confirming_the_detected_part_takes_one_click(confirming_demo, browser, images):
+    page = page_with_reading(browser, confirming_demo[1], [images["a"]])
+    page.get_by_text("Validated reading: NO").wait_for(timeout=60_000)
+    assert "needs confirmation" in page.inner_text("#summary") and "40% of unseen-source" in page.inner_text("#summary")
+    page.get_by_role("button", name="Confirm body part: forearm").click()
+    page.get_by_text("Validated reading: yes").wait_for(timeout=60_000)
+    assert "chosen by the user" in page.inner_text("#summary")
+    assert not page.get_by_role("button", name="Confirm body part: forearm").is_visible()
+    page.close()
+
+
+def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, images, predictor):
     """The colour map (opacity shares its handler), the threshold and the report redraw what is on screen
     without running the model again (ScoreCAM alone takes about 40 s a view); clearing the upload leaves a
     blank page."""
-    _, url = served_demo
-    probability = predictor.predict(radiographs["forearm"]).abnormality_probability
+    probability = predictor.predict(images["a"], "humerus").abnormality_probability
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page.goto(served_demo[1])
     page.get_by_role("button", name="Create one-page report").click()
     page.get_by_text("There is no reading on screen to report yet").wait_for(timeout=30_000)
     page.locator(".toast-close").click()
-    page.locator("input[type=file]").first.set_input_files(str(radiographs["forearm"]))
+    upload_files(page, [images["a"]])
+    page.locator("#summary li").first.wait_for(timeout=60_000)
+    choose_body_part(page, "humerus")
+    page.get_by_text("Body part: humerus").wait_for(timeout=60_000)
     maps = page.locator("#maps img")
     maps.nth(2).wait_for(timeout=60_000)
     before = maps.first.get_attribute("src")
@@ -132,11 +231,10 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, rad
             assert page.inner_text("#summary").startswith(verdict)
         assert passes == []
         with predictor.lock:  # a new question runs the model; here a slow run, and the slider moves meanwhile
-            page.get_by_role("combobox", name="Body part").click()
-            page.get_by_role("option", name="humerus").click()
+            choose_body_part(page, "forearm")
             set_threshold(page, 0.01)
         page.wait_for_function(
-            "() => ['Body part: humerus', 'Decision threshold: 0.010']"
+            "() => ['Body part: forearm', 'Decision threshold: 0.010']"
             ".every(s => document.querySelector('#summary').innerText.includes(s))",
             timeout=60_000,
         )  # the run started at 0.99 lands decided at the slider's value by then
@@ -150,19 +248,16 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, rad
     page.close()
 
 
-def test_closing_the_tab_forgets_its_uploads(served_demo, browser, radiographs):
+def test_closing_the_tab_forgets_its_uploads(served_demo, browser, images):
     """The uploads a tab keeps in server memory (for the sliders) go when the tab closes, not an hour later."""
     demo, url = served_demo
-    uploaded = radiographs["humerus"].read_bytes()
+    uploaded = images["c"].read_bytes()
 
     def sessions_holding_it() -> int:
         sessions = list(demo.state_holder.session_data.values())
         return sum(any(isinstance(v, list) and uploaded in v for v in s.state_data.values()) for s in sessions)
 
-    page = browser.new_page()
-    page.goto(url)
-    page.locator("input[type=file]").first.set_input_files(str(radiographs["humerus"]))
-    page.locator("#maps img").nth(2).wait_for(timeout=60_000)
+    page = page_with_reading(browser, url, [images["c"]])
     assert sessions_holding_it() == 1
     page.close()
     deadline = time.time() + 20

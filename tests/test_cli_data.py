@@ -1,20 +1,28 @@
-"""The command line on real files, and the data splits."""
+"""The command line on files as a user has them (synthetic images, bundled weights), and the data splits."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 
-from conftest import BUNDLED, DATA, ROOT, needs_data, needs_weights
+import pytest
+from conftest import BUNDLED, DATA, ROOT, doctored_weights, needs_data, needs_weights
 from PIL import Image
 
-from mura_demo.data import load_splits
+from mura_demo.training.data import ELBOW_TEST_BUCKETS, is_elbow_test_patient, load_splits
 
 
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mura_demo", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, check=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory):
+    """Weights whose body-part head calls every image 'other'."""
+    return str(doctored_weights(tmp_path_factory.mktemp("w") / "other", "other"))
 
 
 @needs_data
@@ -23,39 +31,84 @@ def test_patients_never_straddle_splits():
     patients = {k: {(s.source, s.patient) for s in v} for k, v in splits.items()}
     assert not patients["train"] & patients["holdout"]
     assert not patients["train"] & patients["test"] and not patients["holdout"] & patients["test"]
-    assert all("/valid/" in str(s.path) for s in splits["test"] if s.source == "mura")
+    mura_test = [s for s in splits["test"] if s.source == "mura"]
+    assert all("/valid/" in str(s.path) or s.body_parts == ("elbow",) for s in mura_test)
     assert not any("/valid/" in str(s.path) for s in splits["train"] + splits["holdout"])
     assert 0.1 < len(splits["holdout"]) / (len(splits["train"]) + len(splits["holdout"])) < 0.2
 
 
 @needs_data
+def test_the_elbow_test_share_is_the_fixed_quarter_of_elbow_patients():
+    """Carved once, before any elbow training, by a rule written in the code: 48 of the 194 patients."""
+    splits = load_splits(DATA)
+    elbow = {k: [s for s in v if s.source == "mura" and s.body_parts == ("elbow",)] for k, v in splits.items()}
+    test_patients = {s.patient for s in elbow["test"]}
+    assert len(test_patients) == 48 and len({s.study for s in elbow["test"]}) == 52 and len(elbow["test"]) == 152
+    assert all(is_elbow_test_patient(p) for p in test_patients)
+    assert not any(is_elbow_test_patient(s.patient) for s in elbow["train"] + elbow["holdout"])
+    assert len(ELBOW_TEST_BUCKETS) == 25
+    # their forearm and humerus images are not trained on either
+    assert not {s.patient for s in splits["train"] + splits["holdout"] if s.source == "mura"} & test_patients
+
+
 @needs_weights
-def test_predict_and_explain_commands(tmp_path, radiographs):
-    out = cli("predict", str(radiographs["forearm"]), str(radiographs["humerus"]), "--json")
+def test_predict_prints_a_header_and_the_reading(images):
+    out = cli("predict", str(images["a"]), str(images["b"]), "--body-part", "humerus")
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    assert header.split("\t") == ["image", "body_part", "body_part_status", "abnormality_probability", "threshold",
+                                  "verdict", "validated"]  # fmt: skip
+    rows = [r.split("\t") for r in rows if not r.startswith("  note:")]
+    assert [r[0] for r in rows] == [str(images["a"]), str(images["b"])]
+    assert all(r[1] == "humerus" and r[5] in ("normal", "abnormal") and r[6] in ("True", "False") for r in rows)
+
+
+@needs_weights
+def test_predict_reads_a_folder_and_json(images):
+    out = cli("predict", str(images["a"].parent), "--json", "--body-part", "forearm")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert len(rows) == 2 and all(r["verdict"] in ("normal", "abnormal") for r in rows)
-    out = cli("explain", str(radiographs["humerus"]), "--out", str(tmp_path), "--body-part", "humerus")
-    assert out.returncode == 0, out.stderr
-    written = sorted(p.name for p in tmp_path.iterdir())
-    assert len(written) == 3 and all(Image.open(tmp_path / n).mode == "RGB" for n in written)
+    assert sorted(r["image"] for r in rows) == sorted(str(p) for p in images.values())
+    study = cli("predict", str(images["a"]), str(images["b"]), "--study", "--json", "--body-part", "forearm")
+    assert json.loads(study.stdout)["study"]["n_views"] == 2
+
+
+@needs_weights
+def test_commands_that_cannot_do_what_was_asked_exit_non_zero(images, tmp_path, other_weights):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"")
     out = cli("predict", str(bad))
-    assert out.returncode == 2 and "empty" in out.stderr
+    assert out.returncode == 2 and out.stderr.strip() == "mura-demo: The file is empty (0 bytes)."
+    empty = tmp_path / "empty-folder"
+    empty.mkdir()
+    out = cli("predict", str(empty))
+    assert out.returncode == 2 and "holds no image" in out.stderr
+    out = cli("explain", str(images["a"]), "--out", str(tmp_path / "maps"), "--weights", other_weights)
+    assert out.returncode == 2 and "does not look like an upper-extremity radiograph" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "maps").exists()
+    out = cli("explain", str(images["a"]), "--out", str(tmp_path / "maps"), "--method", "magic")
+    assert out.returncode == 2 and "Unknown method 'magic'" in out.stderr
 
 
-@needs_data
 @needs_weights
-def test_report_command(tmp_path, radiographs):
-    study = sorted(radiographs["forearm"].parent.glob("*.png"))
-    out = cli("report", *map(str, study), "--out", str(tmp_path / "study.pdf"), "--method", "gradcam,layercam")
+def test_explain_writes_one_overlay_per_method(images, tmp_path):
+    out = cli("explain", str(images["b"]), "--out", str(tmp_path), "--body-part", "humerus")
+    assert out.returncode == 0, out.stderr
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["b_gradcam.png", "b_gradcampp.png", "b_saliency.png"]
+    assert all(Image.open(tmp_path / n).mode == "RGB" for n in written)
+
+
+@needs_weights
+def test_report_command(images, tmp_path):
+    out = cli("report", str(images["a"]), str(images["b"]), "--out", str(tmp_path / "study.pdf"),
+              "--method", "gradcam,layercam", "--body-part", "forearm")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "study.pdf").read_bytes()[:5] == b"%PDF-"
-    out = cli("report", str(study[0]), "--out", str(tmp_path / "view.png"))
+    out = cli("report", str(images["a"]), "--out", str(tmp_path / "view.png"))
     assert out.returncode == 0, out.stderr
     assert Image.open(tmp_path / "view.png").size == (1240, 1754)
-    out = cli("report", str(study[0]), "--out", str(tmp_path / "view.docx"))
+    out = cli("report", str(images["a"]), "--out", str(tmp_path / "view.docx"))
     assert out.returncode == 2 and "report format" in out.stderr
 
 
@@ -68,32 +121,48 @@ def test_upload_dry_run_checks_the_folder():
     assert size < 10 * 2**20  # a Hub repo takes it without LFS
 
 
-@needs_data
-@needs_weights
-def test_batch_writes_csvs_heatmaps_and_resumes(tmp_path):
-    import csv
-    import shutil
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
+
+@needs_weights
+def test_batch_groups_studies_only_where_the_layout_says_so(images, tmp_path):
+    """A flat folder of unrelated files is one study per file; folders named study* are studies (MURA's
+    layout); each study is read by the same rule as /predict_study; an interrupted run resumes."""
     tree = tmp_path / "tree"
-    studies = sorted((DATA / "MURA-v1.1" / "valid" / "XR_HUMERUS").glob("*/study1_*"))[:2]
-    for study in studies:
-        shutil.copytree(study, tree / study.parent.name / study.name)
+    for name in ("a", "b"):
+        (tree / "patient1" / "study1_positive").mkdir(parents=True, exist_ok=True)
+        (tree / "patient1" / "study1_positive" / f"{name}.png").write_bytes(images[name].read_bytes())
+    (tree / "loose_c.png").write_bytes(images["c"].read_bytes())
+    (tree / "loose_wide.png").write_bytes(images["wide"].read_bytes())
     (tree / "broken.png").write_bytes(b"\x89PNG truncated")
     out = tmp_path / "out"
-    first = cli("batch", str(tree), "--out", str(out), "--method", "gradcam,saliency")
+    first = cli("batch", str(tree), "--out", str(out), "--method", "gradcam,saliency", "--body-part", "forearm")
     assert first.returncode == 0, first.stderr
-    n_images = sum(len(list(s.glob("*.png"))) for s in studies)
-    with open(out / "predictions.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == n_images and all(r["verdict"] in ("normal", "abnormal") for r in rows)
-    assert len(list((out / "heatmaps").glob("*.png"))) == 2 * n_images
+    views, studies = read_csv(out / "predictions.csv"), read_csv(out / "studies.csv")
+    assert len(views) == 4 and all(r["verdict"] in ("normal", "abnormal") for r in views)
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2 * 4
     assert "broken.png" in (out / "skipped.log").read_text()
-    with open(out / "studies.csv", newline="") as fh:
-        study_rows = list(csv.DictReader(fh))
-    assert len(study_rows) == len(studies)
-    assert {r["label"] for r in study_rows} <= {"0", "1"}
-    # resuming: images already in predictions.csv are not done again
+    formed = {r["study"]: (r["formed_by"], r["views"], r["label"]) for r in studies}
+    assert formed == {
+        "patient1/study1_positive": ("folder named study*", "2", "1"),
+        "loose_c.png": ("single file", "1", ""),
+        "loose_wide.png": ("single file", "1", ""),
+    }
+    # the same reading as /predict_study for the same files
+    api = cli("predict", str(tree / "patient1" / "study1_positive"), "--study", "--json", "--body-part", "forearm")
+    study = json.loads(api.stdout)["study"]
+    row = next(r for r in studies if r["study"] == "patient1/study1_positive")
+    assert float(row["abnormality_probability"]) == study["abnormality_probability"]
+    assert row["verdict"] == study["verdict"] and row["validated"] == str(study["validated"])
+    # the user can ask for one study per folder; resuming skips what is done
     second = cli("batch", str(tree), "--out", str(out))
-    assert second.returncode == 0 and json.loads(second.stdout.splitlines()[-1])["resumed"] == n_images
-    with open(out / "predictions.csv", newline="") as fh:
-        assert len(list(csv.DictReader(fh))) == n_images
+    assert second.returncode == 0 and json.loads(second.stdout.splitlines()[-1])["resumed"] == 3
+    assert len(read_csv(out / "predictions.csv")) == 4
+    by_folder = cli("batch", str(tree), "--out", str(tmp_path / "out2"), "--studies", "folders")
+    assert by_folder.returncode == 0, by_folder.stderr
+    assert {r["study"]: r["views"] for r in read_csv(tmp_path / "out2" / "studies.csv")} == {
+        "patient1/study1_positive": "2",
+        ".": "2",
+    }

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import needs_data
 
-from mura_demo.imaging import ImageInputError, load_image, load_views
+from mura_demo.core.imaging import ImageInputError, load_image, load_views
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402

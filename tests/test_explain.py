@@ -9,11 +9,11 @@ from bad_inputs import textured
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from mura_demo.config import ModelConfig
-from mura_demo.explain import METHODS, SLOW_METHODS, explain
-from mura_demo.model import create_model
-from mura_demo.preprocess import to_model_input
-from mura_demo.render import overlay
+from mura_demo.core.config import ModelConfig
+from mura_demo.core.explain import METHODS, explain
+from mura_demo.core.model import create_model
+from mura_demo.core.preprocess import to_model_input
+from mura_demo.core.render import overlay
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_saliency_is_the_input_gradient(setup):
 def test_hooks_are_released_even_on_error(setup):
     _, model, layer, x, _ = setup
     before = count_hooks(model)
-    explain(model, layer, x, lambda logits: 10, METHODS[:6])
+    explain(model, layer, x, lambda logits: 10, list(METHODS)[:6])
     assert count_hooks(model) == before
 
     def boom(logits):
@@ -86,7 +86,7 @@ def test_no_target_means_no_backward_and_no_maps(setup):
 
 def test_every_fast_method_gives_a_map(setup):
     config, model, layer, x, _ = setup
-    fast = [m for m in METHODS if m not in SLOW_METHODS]
+    fast = [m for m, spec in METHODS.items() if not spec.slow]
     _, maps = explain(model, layer, x, lambda logits: config.abnormality_index("wrist"), fast)
     assert set(maps) == set(fast)
     for cam in maps.values():

@@ -9,8 +9,8 @@ import pytest
 from bad_inputs import bad_inputs, png_bytes, textured
 from PIL import Image
 
-from mura_demo.imaging import ImageInputError, load_image
-from mura_demo.preprocess import letterbox
+from mura_demo.core.imaging import ImageInputError, load_image
+from mura_demo.core.preprocess import letterbox
 
 
 @pytest.mark.parametrize("name", sorted(bad_inputs()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mura_demo.config import ModelConfig
-from mura_demo.model import PYPI_CHECKPOINTS, create_model, imagenet_checkpoint, load_imagenet_backbone
+from mura_demo.core.config import ModelConfig
+from mura_demo.core.model import PYPI_CHECKPOINTS, create_model, imagenet_checkpoint, load_imagenet_backbone
 
 
 @pytest.mark.parametrize("architecture", sorted(PYPI_CHECKPOINTS))

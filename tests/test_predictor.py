@@ -1,4 +1,5 @@
-"""The pipeline without Gradio: studies, test-time flips, the body-part view and the report, on real radiographs."""
+"""The pipeline without Gradio, on synthetic images and the bundled weights: studies, test-time flips,
+the body-part view, maps, thresholds and the report."""
 
 from __future__ import annotations
 
@@ -8,20 +9,30 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import needs_data, needs_weights
+from conftest import doctored_weights, needs_weights
 from PIL import Image
 
-from mura_demo.imaging import ImageInputError, load_image
-from mura_demo.predictor import MAX_VIEWS, Predictor
-from mura_demo.preprocess import to_model_input
-from mura_demo.report import PAGE, VERDICT_COLOURS, render_report, save_report
+from mura_demo.core.checks import ImageInputError, RequestError
+from mura_demo.core.imaging import load_image
+from mura_demo.core.inference import model_logits
+from mura_demo.core.preprocess import to_model_input
+from mura_demo.core.weights import load_model
+from mura_demo.serving.predictor import MAX_VIEWS, Predictor
+from mura_demo.serving.reading import NEEDS_CONFIRMATION, UNCERTAIN
+from mura_demo.serving.report import PAGE, VERDICT_COLOURS, render_report, save_report
 
-pytestmark = [needs_weights, needs_data]
+pytestmark = needs_weights
 
 
 @pytest.fixture(scope="module")
-def study(radiographs):
-    return sorted(radiographs["forearm"].parent.glob("*.png"))
+def study(images):
+    return [images["a"], images["b"], images["c"]]
+
+
+@pytest.fixture(scope="module")
+def forearm_predictor(tmp_path_factory):
+    """The bundled network with its body-part head doctored to answer forearm for every image."""
+    return Predictor(load_model(str(doctored_weights(tmp_path_factory.mktemp("w") / "forearm", "forearm"))))
 
 
 def predictor_with(predictor, **config_changes) -> Predictor:
@@ -30,111 +41,143 @@ def predictor_with(predictor, **config_changes) -> Predictor:
     return Predictor(loaded)
 
 
-def test_flip_averages_logits_of_image_and_mirror(predictor, radiographs):
+def answer_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    """The model's answer for ``x`` as its config asks (mirror, body-part view), without gradients."""
+    with torch.no_grad():
+        return model_logits(predictor.model, predictor.config, x)
+
+
+def test_flip_averages_logits_of_image_and_mirror(predictor, images):
     plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None)
     flipping = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
-    image = load_image(radiographs["humerus"])
-    x, _ = to_model_input(image, predictor.config)
+    x, _ = to_model_input(load_image(images["a"]), predictor.config)
     with torch.no_grad():
         expected = (predictor.model(x) + predictor.model(x.flip(-1))) / 2
-        assert torch.allclose(plain.input_logits(x), predictor.model(x), atol=1e-5)
-    assert torch.allclose(flipping.input_logits(x), expected, atol=1e-5)
-    without = plain.predict(radiographs["humerus"], "humerus").abnormality_probability
-    flipped = flipping.predict(radiographs["humerus"], "humerus").abnormality_probability
+        assert torch.allclose(answer_logits(plain, x), predictor.model(x), atol=1e-5)
+    assert torch.allclose(answer_logits(flipping, x), expected, atol=1e-5)
+    without = plain.predict(images["a"], "humerus").abnormality_probability
+    flipped = flipping.predict(images["a"], "humerus").abnormality_probability
+    assert flipped == round(float(torch.sigmoid(expected[0, predictor.config.abnormality_index("humerus")])), 4)
     # the maps path gives the same answer as the forward-only path, flips included
-    assert flipping.analyze(radiographs["humerus"], "humerus").prediction.abnormality_probability == flipped
+    assert flipping.analyze(images["a"], "humerus").prediction.abnormality_probability == flipped
     assert flipped != without
 
 
-def test_body_part_is_read_from_the_coarser_view(predictor, radiographs):
+def test_body_part_is_read_from_the_coarser_view(predictor, images):
     size = 160
     coarse = predictor_with(predictor, test_time_flip=True, body_part_input_size=size)
     full = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
-    x, _ = to_model_input(load_image(radiographs["forearm"]), predictor.config)
+    x, _ = to_model_input(load_image(images["a"]), predictor.config)
     small = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    n_parts = len(predictor.config.body_part_classes)
-    answer, at_full_size = coarse.input_logits(x), full.input_logits(x)
+    split = predictor.config.split_logits
+    answer, at_full_size = answer_logits(coarse, x), answer_logits(full, x)
     with torch.no_grad():
         small_logits = (predictor.model(small) + predictor.model(small.flip(-1))) / 2
-    assert torch.allclose(answer[:, :n_parts], small_logits[:, :n_parts], atol=1e-5)
-    assert torch.allclose(answer[:, n_parts:], at_full_size[:, n_parts:], atol=1e-5)
-    assert not torch.allclose(answer[:, :n_parts], at_full_size[:, :n_parts], atol=1e-3)
+    assert torch.allclose(split(answer)[0], split(small_logits)[0], atol=1e-5)
+    assert torch.allclose(split(answer)[1], split(at_full_size)[1], atol=1e-5)
+    assert not torch.allclose(split(answer)[0], split(at_full_size)[0], atol=1e-3)
     # the maps path routes and answers from the same coarse body-part view
-    predicted = coarse.predict(radiographs["forearm"])
-    analysis = coarse.analyze(radiographs["forearm"])
+    predicted = coarse.predict(images["a"])
+    analysis = coarse.analyze(images["a"])
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
     assert analysis.prediction.abnormality_probability == predicted.abnormality_probability
 
 
 @pytest.mark.parametrize("coarse_size", [None, 224])
-def test_maps_alone_run_only_the_passes_they_need(predictor, radiographs, coarse_size):
+def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coarse_size):
     """`/explain` serves maps alone: they must equal the full analysis's, from fewer images through the
     network (no mirror for the abnormality probability; no body-part view when the part is given)."""
-    flipping = predictor_with(predictor, test_time_flip=True, body_part_input_size=coarse_size)
+    flipping = predictor_with(forearm_predictor, test_time_flip=True, body_part_input_size=coarse_size)
     seen = []
-    hook = predictor.model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    hook = flipping.model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
     try:
-        for name, part in [("forearm", "auto"), ("humerus", "humerus"), ("chest", "auto"), ("chest", "forearm")]:
+        for part in ("auto", "humerus"):
             seen.clear()
-            full = flipping.analyze(radiographs[name], part, ("gradcam", "saliency"))
+            full = flipping.analyze(images["a"], part, ("gradcam", "saliency"))
             full_passes, seen[:] = sum(seen), []
-            alone = flipping.explain(radiographs[name], part, ("gradcam", "saliency"))
-            assert alone.maps.keys() == full.maps.keys() and alone.box == full.box
+            alone = flipping.explain(images["a"], part, ("gradcam", "saliency"))
+            assert alone.maps.keys() == full.maps.keys() == {"gradcam", "saliency"} and alone.box == full.box
             for method, cam in full.maps.items():
                 np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
             # images through the network: the shared pass, plus what routing "auto" reads the part from
             routing = 0 if part != "auto" else 2 if coarse_size else 1
             assert sum(seen) == 1 + routing
-            assert full_passes == 2 + (2 if coarse_size else 0)  # image and mirror, both again at the coarse size
-        assert not flipping.explain(radiographs["chest"], "auto").maps  # not an arm: nothing to explain
+            # the answer (image and mirror, both again at the coarse size), then the shared pass of the maps
+            assert full_passes == 2 + (2 if coarse_size else 0) + 1
     finally:
         hook.remove()
 
 
-def test_study_reads_every_view_at_the_study_part(predictor, study):
-    analysis = predictor.analyze_study(study, "auto", ("gradcam", "saliency"))
+def test_no_maps_for_an_image_the_head_calls_other(tmp_path, images):
+    other = Predictor(load_model(str(doctored_weights(tmp_path / "other", "other"))))
+    assert not other.explain(images["a"], "auto").maps  # not an arm: nothing to explain
+    analysis = other.analyze(images["a"])
+    assert analysis.maps == {} and analysis.prediction.body_part is None
+    assert other.explain(images["a"], "forearm", ("gradcam",)).maps  # a part given: explained anyway
+
+
+def test_study_reads_every_view_at_the_study_part(forearm_predictor, study):
+    analysis = forearm_predictor.analyze_study(study, "auto", ("gradcam", "saliency"))
     st = analysis.study
-    assert st["n_views"] == len(study) == len(analysis.views) >= 2
-    assert st["body_part"] == "forearm"
+    assert st["n_views"] == len(study) == len(analysis.views) == 3
+    assert st["body_part"] == "forearm" and st["views_answered_other"] == []
     for view, path in zip(analysis.views, study):
         assert view.prediction.body_part == "forearm" and set(view.maps) == {"gradcam", "saliency"}
-        alone = predictor.analyze(path, "forearm", ())
-        assert abs(view.prediction.abnormality_probability - alone.prediction.abnormality_probability) < 1e-4
+        alone = forearm_predictor.predict(path, "forearm")
+        assert abs(view.prediction.abnormality_probability - alone.abnormality_probability) < 1e-4
     mean = np.mean([v.prediction.abnormality_probability for v in analysis.views])
     assert abs(st["abnormality_probability"] - mean) < 1e-3
-    assert analysis.to_dict() == predictor.analyze_study(study, "auto", ()).to_dict()
+    assert analysis.to_dict() == forearm_predictor.analyze_study(study, "auto", ()).to_dict()
 
 
-def test_a_new_threshold_reads_as_a_fresh_analysis_at_it(predictor, study, radiographs):
+def test_a_new_threshold_reads_as_a_fresh_analysis_at_it(forearm_predictor, study, tmp_path):
     """Moving the threshold re-decides the reading on screen without the model; the result must be what
     analysing again at that threshold gives, the verdicts following the probabilities shown."""
-    analysis = predictor.analyze_study(study, "auto", ("gradcam",))
+    analysis = forearm_predictor.analyze_study(study, "auto", ("gradcam",))
     before = analysis.to_dict()
     views = [v.prediction.abnormality_probability for v in analysis.views]
     probabilities = sorted({*views, analysis.study["abnormality_probability"]})
     for threshold in [None, 0.01, 0.99, *probabilities, *(p + 1e-4 for p in probabilities)]:
-        fresh = predictor.analyze_study(study, "auto", (), threshold)  # maps do not enter the reading
-        assert predictor.at_threshold(analysis, threshold).to_dict() == fresh.to_dict()
-    assert predictor.at_threshold(analysis, 0.01).study["verdict"] == "abnormal"
-    assert predictor.at_threshold(analysis, 0.99).study["verdict"] == "normal"
+        fresh = forearm_predictor.analyze_study(study, "auto", (), threshold)  # maps do not enter the reading
+        assert forearm_predictor.at_threshold(analysis, threshold).to_dict() == fresh.to_dict()
+    assert forearm_predictor.at_threshold(analysis, 0.01).study["verdict"] == "abnormal"
+    assert forearm_predictor.at_threshold(analysis, 0.99).study["verdict"] == "normal"
     assert analysis.to_dict() == before  # the analysis it started from is left as it was
-    chest = [radiographs["chest"]]
-    other = predictor.analyze_study(chest, "auto", ())
-    assert predictor.at_threshold(other, 0.3).to_dict() == predictor.analyze_study(chest, "auto", (), 0.3).to_dict()
-    with pytest.raises(ImageInputError, match="strictly between 0 and 1"):
-        predictor.at_threshold(analysis, 1.5)
+    other = Predictor(load_model(str(doctored_weights(tmp_path / "other", "other"))))
+    chest = other.analyze_study(study[:1], "auto", ())
+    assert other.at_threshold(chest, 0.3).to_dict() == other.analyze_study(study[:1], "auto", (), 0.3).to_dict()
+    with pytest.raises(RequestError, match="strictly between 0 and 1"):
+        forearm_predictor.at_threshold(analysis, 1.5)
 
 
-def test_study_errors_name_the_file_and_limit_views(predictor, study):
+def test_the_weights_rules_reach_the_reading(forearm_predictor, images, tmp_path):
+    """The config's confirmation rule and confidence level decide what a detection earns."""
+    confirming = predictor_with(forearm_predictor, body_part_confirmation=True, body_part_confirmation_reason="x")
+    p = confirming.predict(images["a"])
+    assert p.body_part_status == NEEDS_CONFIRMATION and p.validated is False
+    assert confirming.predict(images["a"], "forearm").validated is True
+    torn = Predictor(load_model(str(doctored_weights(tmp_path / "tie", ("forearm", "humerus")))))
+    for level in (0.0, 0.6):  # a tie is uncertain at any level; 50% is also under 60%
+        p = predictor_with(torn, body_part_min_probability=level).predict(images["a"])
+        assert p.body_part_status == UNCERTAIN and p.validated is False
+        assert set(p.body_part_candidates[:2]) == {"forearm", "humerus"}
+
+
+def test_request_errors_name_what_is_wrong(predictor, study):
     with pytest.raises(ImageInputError, match="File 2 of 2: The file is empty"):
         predictor.analyze_study([study[0], b""], "auto")
     with pytest.raises(ImageInputError, match=f"at most {MAX_VIEWS} views"):
         predictor.analyze_study([study[0]] * (MAX_VIEWS + 1), "auto", ())
+    with pytest.raises(RequestError, match="Unknown body part 'knee'"):
+        predictor.predict(study[0], "knee")
+    with pytest.raises(RequestError, match="Unknown method 'magic'"):
+        predictor.explain(study[0], "auto", ("magic",))
+    assert not issubclass(RequestError, ImageInputError)  # a bad option is not a bad image
 
 
-def test_report_page_shows_the_verdict_and_every_picture(predictor, study, tmp_path):
+def test_report_page_shows_the_verdict_and_every_picture(forearm_predictor, study, tmp_path):
     methods = ("gradcam", "gradcam++", "saliency")
-    analysis = predictor.analyze_study(study, "auto", methods)
+    analysis = forearm_predictor.analyze_study(study, "auto", methods)
     page = render_report(analysis)
     assert page.size == PAGE and page.mode == "RGB"
     pixels = np.asarray(page)

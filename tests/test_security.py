@@ -8,7 +8,7 @@ from conftest import ROOT
 
 
 def test_no_pickle_loading_in_the_package():
-    for path in [*(ROOT / "mura_demo").glob("*.py"), ROOT / "app.py"]:
+    for path in [*(ROOT / "mura_demo").rglob("*.py"), ROOT / "app.py"]:
         source = path.read_text()
         assert not re.search(r"^\s*import pickle|from pickle|pickle\.load|cloudpickle|joblib\.load", source, re.M), path
         for call in re.findall(r"torch\.load\([^)]*\)", source):

@@ -10,7 +10,7 @@ import time
 from conftest import start_app
 from gradio_client import handle_file
 
-from mura_demo.uploads import (
+from mura_demo.serving.uploads import (
     PRIVATE_PREFIX,
     lock_folder,
     new_private_folder,

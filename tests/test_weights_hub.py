@@ -6,11 +6,12 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import BUNDLED, needs_weights
 from safetensors.torch import load_file, save_file
 
-from mura_demo.config import CONFIG_NAME, WEIGHTS_NAME
-from mura_demo.weights import WeightsError, load_folder, load_model
+from mura_demo.core.config import CONFIG_NAME, WEIGHTS_NAME
+from mura_demo.core.weights import WeightsError, load_folder, load_model
 
 pytestmark = needs_weights
 
@@ -35,6 +36,24 @@ def test_hub_download_pins_revision(hub):
     latest = load_model("hf://team/mura-pinned@main")
     assert latest.revision == second and latest.config.version == "second"
     assert any(f"/resolve/{first}/model.safetensors" in r for r in hub.requests)
+    assert not any("/resolve/main/" in r for r in hub.requests)  # files are fetched by commit, never by branch
+
+
+def test_one_commit_even_when_one_lands_between_the_downloads(hub, tmp_path):
+    """The branch moves after the Hub's first answer: both files still come from the commit it named."""
+    files = bundled_files()
+    first = hub.publish("team/mura-moving", files)
+    tensors = load_file(BUNDLED / WEIGHTS_NAME)
+    tensors["abnormality_head.bias"] = tensors["abnormality_head.bias"] + 1.0
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    changed = json.loads(files[CONFIG_NAME]) | {"version": "second"}
+    moved = {CONFIG_NAME: json.dumps(changed).encode(), WEIGHTS_NAME: (tmp_path / WEIGHTS_NAME).read_bytes()}
+    hub.after_next_request = lambda: hub.publish("team/mura-moving", moved)
+    loaded = load_model("hf://team/mura-moving@main", bundled=tmp_path)
+    assert loaded.revision == first and loaded.config.version == json.loads(files[CONFIG_NAME])["version"]
+    bias = loaded.model.abnormality_head.bias.half()
+    assert torch.equal(bias, load_file(BUNDLED / WEIGHTS_NAME)["abnormality_head.bias"])
+    assert hub.refs["team/mura-moving"]["main"] != first  # the branch did move
 
 
 def test_unknown_revision_falls_back_to_bundled_with_notice(hub):
@@ -54,7 +73,7 @@ def test_unknown_repo_and_missing_file(hub, tmp_path):
     with pytest.raises(WeightsError, match="no model repo team/absent"):
         load_model("hf://team/absent@main", bundled=tmp_path)
     hub.publish("team/mura-nofile", {CONFIG_NAME: bundled_files()[CONFIG_NAME]})
-    with pytest.raises(WeightsError, match="lacks a weights file"):
+    with pytest.raises(WeightsError, match=f"lacks {WEIGHTS_NAME}"):
         load_model("hf://team/mura-nofile@main", bundled=tmp_path)
 
 
@@ -125,6 +144,13 @@ def test_config_that_does_not_match(tmp_path):
         load_folder(folder)
 
 
+def test_no_bundled_weights_says_where_to_point(tmp_path, monkeypatch):
+    """An installed copy without weights/ names the two ways to give it weights."""
+    monkeypatch.delenv("MURA_DEMO_WEIGHTS", raising=False)
+    with pytest.raises(WeightsError, match=r"No bundled weights at .*--weights or \$MURA_DEMO_WEIGHTS"):
+        load_model(bundled=tmp_path / "absent")
+
+
 def test_untrained_weights_are_refused(tmp_path):
     folder = copy_bundled(tmp_path)
     cfg = json.loads((folder / CONFIG_NAME).read_text())
@@ -153,7 +179,7 @@ def test_unwritable_cache_falls_back_with_a_clear_notice(hub, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(blocker / "cache"), "PYTHONPATH": str(ROOT)}
-    code = "from mura_demo.weights import load_model; print(load_model('hf://team/mura-cache@main').notice)"
+    code = "from mura_demo.core.weights import load_model; print(load_model('hf://team/mura-cache@main').notice)"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
     )

@@ -13,14 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_PIXELS = 50_000_000
-MIN_SIDE = 64
-MAX_BYTES = 50 * 1024 * 1024
-FORMATS = {"PNG", "JPEG", "MPO", "BMP", "TIFF"}
-
-
-class ImageInputError(ValueError):
-    """An upload that cannot be analysed; the message is meant for the user."""
+from .checks import FORMAT_NAMES, MAX_BYTES, MAX_PIXELS, RASTER_FORMATS, ImageInputError, check_content, check_size
+from .dicom import dicom_views
 
 
 def read_bytes(source: str | Path | bytes) -> bytes:
@@ -44,8 +38,8 @@ def read_bytes(source: str | Path | bytes) -> bytes:
 def describe_non_image(data: bytes) -> str:
     """A specific message for common files that are not images."""
     if data.startswith(b"%PDF"):
-        return "This is a PDF document, not an image. Upload a PNG, JPEG, BMP or TIFF radiograph."
-    return "This file is not an image that can be read. Upload a PNG, JPEG, BMP or TIFF radiograph."
+        return f"This is a PDF document, not an image. Upload a radiograph as {FORMAT_NAMES}."
+    return f"This file is not an image that can be read. Upload a radiograph as {FORMAT_NAMES}."
 
 
 def to_grey8(image: Image.Image) -> Image.Image:
@@ -71,8 +65,8 @@ def decode_raster(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             fmt = image.format
-            if fmt not in FORMATS:
-                raise ImageInputError(f"{fmt} images are not supported. Upload a PNG, JPEG, BMP or TIFF radiograph.")
+            if fmt not in RASTER_FORMATS:
+                raise ImageInputError(f"{fmt} images are not supported. Upload a radiograph as {FORMAT_NAMES}.")
             if getattr(image, "n_frames", 1) > 1 and fmt != "MPO":
                 raise ImageInputError("This file holds several frames. Upload one still radiograph.")
             check_size(*image.size)
@@ -92,27 +86,10 @@ def decode_raster(data: bytes) -> Image.Image:
     return to_grey8(image)
 
 
-def check_size(width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageInputError(f"The image is {width}x{height} pixels, over the {MAX_PIXELS // 10**6} megapixel limit.")
-    if min(width, height) < MIN_SIDE:
-        raise ImageInputError(
-            f"The image is only {width}x{height} pixels. Upload a radiograph at least {MIN_SIDE} pixels on each side."
-        )
-
-
-def check_content(image: Image.Image) -> Image.Image:
-    if np.ptp(np.asarray(image)) == 0:
-        raise ImageInputError("The image is a single flat colour: there is nothing to analyse.")
-    return image
-
-
 def load_views(source: str | Path | bytes) -> list[Image.Image]:
     """Every view in an upload: one for an image file, one per frame for a multi-frame DICOM."""
     data = read_bytes(source)
     if is_dicom(data, source):
-        from .dicom import dicom_views
-
         return [check_content(view) for view in dicom_views(data)]
     return [check_content(decode_raster(data))]
 

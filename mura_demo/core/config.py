@@ -31,6 +31,12 @@ class ModelConfig:
     body_part_input_size: int | None = None  # read the body part from the image resized to this size
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
     validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
+    # A detected body part counts towards a validated reading only at or above this probability (chosen
+    # so that views of a source the model never saw rarely pass misrouted), and, where detection alone
+    # cannot be trusted even then, only once the user confirms it; the reason is shown to the user.
+    body_part_min_probability: float = 0.0
+    body_part_confirmation: bool = False
+    body_part_confirmation_reason: str = ""
     version: str = "untrained"
     trained: bool = False
     model_card_url: str = ""
@@ -50,6 +56,12 @@ class ModelConfig:
     def abnormality_index(self, body_part: str) -> int:
         """Column of the model output holding ``body_part``'s abnormality logit."""
         return len(self.body_part_classes) + self.body_parts.index(body_part)
+
+    def split_logits(self, logits):
+        """The model output (N, num_outputs) -> (body-part logits, abnormality logits): the one place
+        that knows the layout."""
+        n = len(self.body_part_classes)
+        return logits[:, :n], logits[:, n:]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,6 +94,8 @@ class ModelConfig:
         for part, t in self.thresholds.items():
             if not 0.0 < float(t) < 1.0:
                 raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")
+        if not 0.0 <= self.body_part_min_probability < 1.0:
+            raise ValueError("config.json: body_part_min_probability must lie in [0, 1)")
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CONFIG_NAME

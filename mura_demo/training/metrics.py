@@ -1,4 +1,4 @@
-"""Metrics for binary abnormality and body-part classification, in plain NumPy.
+"""Metrics for binary abnormality and body-part classification, on scikit-learn's definitions.
 
 Study-level scores follow the MURA paper: a study's probability is the mean of its views'.
 Confidence intervals resample studies (the unit a radiologist reads), not images.
@@ -6,50 +6,33 @@ Confidence intervals resample studies (the unit a radiologist reads), not images
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
+from sklearn import metrics as sk
 
 
 def auroc(labels, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney U, ties counted half). NaN with one class."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=float)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=float)
-    sorted_s = s[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = first + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """Area under the ROC curve; NaN with one class (a bootstrap resample can draw one)."""
+    y = np.asarray(labels, dtype=int)
+    return float(sk.roc_auc_score(y, np.asarray(scores, dtype=float))) if len(np.unique(y)) == 2 else float("nan")
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=float)
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tps = np.cumsum(y)[last_of_tie]
-    fps = (last_of_tie + 1) - tps
-    return np.r_[0.0, fps / max(1, (~y).sum())], np.r_[0.0, tps / max(1, y.sum())]
+    fpr, tpr, _ = sk.roc_curve(np.asarray(labels, dtype=int), np.asarray(scores, dtype=float), drop_intermediate=False)
+    return fpr, tpr
 
 
 def cohen_kappa(a, b) -> float:
-    """Cohen's kappa between two label vectors."""
+    """Cohen's kappa between two label vectors; 1 when both give one and the same label throughout."""
     a, b = np.asarray(a), np.asarray(b)
-    classes, codes = np.unique(np.concatenate([a, b]), return_inverse=True)
-    k = len(classes)
-    m = np.bincount(codes[: len(a)] * k + codes[len(a) :], minlength=k * k).reshape(k, k).astype(float)
-    n = m.sum()
-    observed = np.trace(m) / n
-    expected = (m.sum(0) * m.sum(1)).sum() / n**2
-    return float((observed - expected) / (1 - expected)) if expected < 1 else 1.0
+    if len(np.unique(np.concatenate([a, b]))) == 1:
+        return 1.0
+    with warnings.catch_warnings():  # a rater with one label throughout: kappa 0 or NaN, as scikit-learn says
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(sk.cohen_kappa_score(a, b))
 
 
 def binary_metrics(labels, scores, threshold: float) -> dict[str, float]:

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from .imaging import ImageInputError, check_size
+from .checks import ImageInputError, check_size
 
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 

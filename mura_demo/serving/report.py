@@ -12,8 +12,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .predictor import NOT_UPPER_EXTREMITY, StudyAnalysis
-from .render import DISCLAIMER, METHOD_LABELS
+from ..core.explain import METHODS
+from ..core.render import DISCLAIMER
+from .predictor import StudyAnalysis
+from .reading import NOT_UPPER_EXTREMITY
 
 PAGE = (1240, 1754)  # A4 portrait at 150 dpi
 DPI = 150
@@ -34,20 +36,25 @@ def reading_lines(study: dict) -> list[str]:
         lines = [
             f"Not an upper-extremity radiograph: the body-part model gives 'other' {other:.0%}"
             + (" (mean of the views)." if n > 1 else "."),
-            "No abnormality reading is given. If it is one, choose its body part to read it anyway.",
+            study["note"],
         ]
     else:
-        validated = "yes (held-out MURA data)" if study["validated"] else "NO, no abnormality training data for it"
-        source = "chosen by the user" if study["body_part_source"] == "user" else "detected"
-        mean = f" (mean of {n} views)" if n > 1 else ""
+        kept = n - len(study["views_answered_other"])
+        mean = f" (mean of {kept} views)" if kept > 1 else ""
         lines = [
             f"Abnormality probability: {study['abnormality_probability']:.1%}{mean}",
             f"Decision threshold: {study['threshold']:.3f} (abnormal at or above)",
-            f"Body part: {part} ({source}; the model gives it {study['body_part_probabilities'][part]:.0%})",
-            f"Validated for this body part: {validated}",
+            f"Body part: {part} ({study['body_part_status']}; the model gives it "
+            f"{study['body_part_probabilities'][part]:.0%})",
+            "Validated reading: " + ("yes (measured on held-out MURA data)" if study["validated"] else "NO"),
         ]
+        if study["note"]:
+            lines.append(study["note"])
+    if study["views_answered_other"]:
+        listed = ", ".join(map(str, study["views_answered_other"]))
+        lines.append(f"Left out as not upper-extremity radiographs: view {listed}")
     if study["views_disagreeing_on_body_part"]:
-        listed = ", ".join(str(i + 1) for i in study["views_disagreeing_on_body_part"])
+        listed = ", ".join(map(str, study["views_disagreeing_on_body_part"]))
         lines.append(f"Views whose own body-part answer differs: {listed}")
     lines.append(f"Model: {study['model']}, weights revision {study['weights_revision']}")
     return lines
@@ -109,7 +116,7 @@ def render_report(analysis: StudyAnalysis, opacity: float = 0.5, colormap: str =
         draw.text((MARGIN, y), view_caption(index, view.prediction), fill="black", font=font(20))
         overlays = view.overlays(opacity, colormap) if view.maps else {}
         pictures = [("radiograph", view.image.convert("RGB"))] + [
-            (METHOD_LABELS[m], Image.fromarray(overlays[m])) for m in methods if m in overlays
+            (METHODS[m].label, Image.fromarray(overlays[m])) for m in methods if m in overlays
         ]
         for col, (label, picture) in enumerate(pictures):
             x = MARGIN + col * (width // columns)

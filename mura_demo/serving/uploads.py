@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .imaging import ImageInputError, read_bytes
+from ..core.imaging import ImageInputError, read_bytes
 from .report import save_report
 
 try:

@@ -1,4 +1,5 @@
-"""Weights: find a weights folder (bundled or on the Hugging Face Hub) and load it strictly.
+"""Weights, their whole life: save a weights folder, load it strictly, download it from the
+Hugging Face Hub and upload it there (one module, as timm's ``_hub.py``).
 
 A weights folder holds ``config.json`` and ``model.safetensors``. Only safetensors is ever
 read; every key and shape must match the architecture the config describes, and a model is
@@ -9,17 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
 from .model import MuraNet, create_model
 
-BUNDLED = Path(__file__).resolve().parent.parent / "weights"
+CARD_NAME = "README.md"
+FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 ENV_VAR = "MURA_DEMO_WEIGHTS"
 HUB_PREFIX = "hf://"
+
+
+def bundled_folder() -> Path:
+    """The weights shipped with the code: ``weights/`` beside the package in a checkout, or the copy
+    ``pip install`` puts under ``<prefix>/share/mura-demo/weights``."""
+    checkout = Path(__file__).resolve().parents[2] / "weights"
+    installed = Path(sys.prefix) / "share" / "mura-demo" / "weights"
+    return checkout if (checkout / WEIGHTS_NAME).is_file() or not (installed / WEIGHTS_NAME).is_file() else installed
+
+
+BUNDLED = bundled_folder()
 
 
 class WeightsError(RuntimeError):
@@ -46,10 +61,12 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
 
 
 def download_from_hub(spec: str) -> tuple[Path, str]:
-    """Download config.json and model.safetensors of a Hub model repo; returns (folder, commit)."""
-    from huggingface_hub import hf_hub_download
+    """Download config.json and model.safetensors of a Hub model repo; returns (folder, commit).
+
+    One ``snapshot_download`` resolves the revision once, so both files come from the same commit
+    even when one lands on the branch between the two downloads."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        EntryNotFoundError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -58,23 +75,24 @@ def download_from_hub(spec: str) -> tuple[Path, str]:
 
     repo, revision = parse_hub_spec(spec)
     try:
-        paths = [Path(hf_hub_download(repo, name, revision=revision)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except RevisionNotFoundError:
         raise WeightsError(f"The Hub repo {repo} has no revision '{revision}'.") from None
     except RepositoryNotFoundError:
         raise WeightsError(f"The Hub has no model repo {repo} (or it is private).") from None
-    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: catch it first
+    except LocalEntryNotFoundError as err:
         raise WeightsError(f"{hub_failure(err)} for {repo}, and nothing is cached.") from None
-    except EntryNotFoundError:
-        raise WeightsError(f"The Hub repo {repo}@{revision or 'main'} lacks a weights file.") from None
     except HfHubHTTPError as err:
         raise WeightsError(f"The Hub answered an error for {repo}: {str(err).splitlines()[0]}") from None
     except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as err:
         raise WeightsError(f"The Hugging Face cache folder (HF_HUB_CACHE) cannot be written: {err}") from None
     except OSError as err:
         raise WeightsError(f"Could not download {repo} from the Hub: {err}") from None
-    # The cache keeps each file under snapshots/<commit>/; that folder name is the resolved revision.
-    return paths[0].parent, paths[0].parent.name
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if missing:
+        raise WeightsError(f"The Hub repo {repo}@{revision or 'main'} lacks {' and '.join(missing)}.")
+    # The cache keeps each snapshot under snapshots/<commit>/; that folder name is the resolved revision.
+    return folder, folder.name
 
 
 def hub_failure(err: BaseException) -> str:
@@ -128,6 +146,11 @@ def load_model(spec: str | None = None, bundled: str | Path = BUNDLED, require_t
     notice saying so; a local folder that cannot be used is an error.
     """
     spec = spec or os.environ.get(ENV_VAR) or str(bundled)
+    if spec == str(bundled) and not (Path(bundled) / WEIGHTS_NAME).is_file():
+        raise WeightsError(
+            f"No bundled weights at {bundled} (an installed copy has none unless it was installed from a checkout). "
+            f"Name a weights folder or hf://owner/name@revision with --weights or ${ENV_VAR}."
+        )
     notice = ""
     if spec.startswith(HUB_PREFIX):
         try:
@@ -154,3 +177,40 @@ def check_trained(loaded: LoadedModel, require_trained: bool) -> LoadedModel:
             "Train them with `python -m mura_demo train` (see README) before serving."
         )
     return loaded
+
+
+def save_weights(model: torch.nn.Module, config: ModelConfig, folder: str | Path) -> Path:
+    """Write ``model.safetensors`` (float tensors as float16) and ``config.json`` to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().cpu()
+        tensors[name] = (value.half() if value.is_floating_point() else value).contiguous()
+    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", "version": config.version})
+    config.save(folder)
+    return folder / WEIGHTS_NAME
+
+
+def upload_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, revision: str | None = None) -> list[str]:
+    """Upload a weights folder and its model card to a Hub model repo; ``dry_run`` only checks and lists."""
+    folder = Path(folder)
+    missing = [n for n in FOLDER_FILES if not (folder / n).is_file()]
+    if missing:
+        raise WeightsError(f"{folder} lacks {', '.join(missing)}")
+    load_folder(folder)  # never publish weights that do not load strictly
+    files = [f"{n} ({(folder / n).stat().st_size} bytes)" for n in FOLDER_FILES]
+    if not dry_run:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            repo_type="model",
+            allow_patterns=list(FOLDER_FILES),
+            revision=revision,
+            commit_message="Upload mura-demo weights",
+        )
+    return files

@@ -14,16 +14,6 @@ DISCLAIMER = (
     "Research and teaching software only. Not a medical device. It must not be used for diagnosis, "
     "triage or any clinical decision."
 )
-METHOD_LABELS = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "saliency": "Saliency",
-    "hirescam": "HiResCAM",
-    "xgradcam": "XGradCAM",
-    "layercam": "LayerCAM",
-    "eigencam": "EigenCAM",
-    "scorecam": "ScoreCAM",
-}
 COLORMAPS = {
     "jet": cv2.COLORMAP_JET,
     "inferno": cv2.COLORMAP_INFERNO,

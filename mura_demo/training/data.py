@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import BODY_PARTS, OTHER
-from .preprocess import letterbox
+from ..core.config import BODY_PARTS, OTHER
+from ..core.imaging import load_image
+from ..core.preprocess import letterbox
 
 # UNIFESP region names that are MURA body parts; "Others" is mixed (it may hold arm views),
 # so images labelled only "Others" are left out rather than taught as "not upper extremity".
@@ -43,6 +44,7 @@ class Sample:
     study: str  # study folder (MURA) or the image itself (UNIFESP)
     patient: str
     source: str  # "mura" or "unifesp"
+    end: str | None = None  # "first"/"last": only this end of the image's long side (an end crop)
 
 
 def bucket(key: str) -> int:
@@ -92,18 +94,30 @@ def unifesp_samples(folder: str | Path) -> list[Sample]:
 
 HOLDOUT_BUCKETS = range(0, 15)  # 15% of patients: model selection and thresholds
 TEST_BUCKETS = range(85, 100)  # 15% of UNIFESP images: final test (MURA has its own `valid`)
+# MURA has no elbow `valid`: a quarter of the elbow patients (48 of 194, 52 studies, 152 images) is
+# the elbow test share, carved once before any elbow training and never used for a choice.
+ELBOW_TEST_BUCKETS = range(0, 25)
+
+
+def is_elbow_test_patient(patient: str) -> bool:
+    return bucket(f"mura-elbow-test:{patient}") in ELBOW_TEST_BUCKETS
 
 
 def split_by_patient(samples: list[Sample]) -> dict[str, list[Sample]]:
     """Split into train / holdout / test by patient: a patient never straddles two splits.
 
-    MURA images go to train or holdout (MURA ``valid`` is the test set); UNIFESP images, which
-    have no official split, also give a test share.
+    MURA images go to train or holdout (MURA ``valid`` is the test set), except the elbow test
+    share: its patients' elbow images are test, and their other images are left out so that no
+    test patient is trained on. UNIFESP images, which have no official split, also give a test share.
     """
     splits: dict[str, list[Sample]] = {"train": [], "holdout": [], "test": []}
+    elbow_patients = {s.patient for s in samples if s.source == "mura" and s.body_parts == ("elbow",)}
     for s in samples:
         b = bucket(f"{s.source}:{s.patient}")
-        if b in HOLDOUT_BUCKETS:
+        if s.source == "mura" and s.patient in elbow_patients and is_elbow_test_patient(s.patient):
+            if s.body_parts == ("elbow",):
+                splits["test"].append(s)
+        elif b in HOLDOUT_BUCKETS:
             splits["holdout"].append(s)
         elif b in TEST_BUCKETS and s.source == "unifesp":
             splits["test"].append(s)
@@ -140,12 +154,64 @@ def patients_of(samples: list[Sample], studies: list[str]) -> list[str]:
     return [patient[study] for study in studies]
 
 
+def is_withheld(sample: Sample, spec: str | None) -> bool:
+    """Whether ``sample`` is one source's image of one part named by ``spec`` (``"mura:elbow"``)."""
+    if not spec:
+        return False
+    source, _, part = spec.partition(":")
+    if part not in BODY_PARTS or source not in ("mura", "unifesp"):
+        raise ValueError(f"withhold takes SOURCE:PART, e.g. mura:elbow; got '{spec}'")
+    return sample.source == source and part in sample.body_parts
+
+
+def withhold(samples: list[Sample], spec: str | None) -> list[Sample]:
+    """Leave out the images ``spec`` names: the leave-one-source-out run."""
+    return [s for s in samples if not is_withheld(s, spec)]
+
+
+# MURA-style views of parts this project has no MURA images of: the two ends of a forearm image
+# show the elbow and the wrist, those of a humerus image the shoulder and the elbow. Which end is
+# which is not known, so an end crop is labelled with both candidates ("either is right").
+END_CROP_PARTS = {"forearm": ("elbow", "wrist"), "humerus": ("elbow", "shoulder")}
+END_CROP_SHARE = 0.5  # of the long side
+
+
+def end_crops(samples: list[Sample]) -> list[Sample]:
+    """Both end crops of every MURA forearm and humerus image in ``samples`` (no abnormality label)."""
+    return [
+        dataclasses.replace(s, body_parts=END_CROP_PARTS[s.body_parts[0]], abnormal=None, end=end)
+        for s in samples
+        if s.source == "mura" and s.body_parts[0] in END_CROP_PARTS and s.end is None
+        for end in ("first", "last")
+    ]
+
+
+def crop_siblings(samples: list[Sample]) -> torch.Tensor:
+    """For the first end crop of an image, the index of its other end (the next sample, as
+    :func:`end_crops` lays them out); -1 for every other sample."""
+
+    def pairs_with_next(i: int, s: Sample) -> bool:
+        return s.end == "first" and i + 1 < len(samples) and samples[i + 1] == dataclasses.replace(s, end="last")
+
+    return torch.tensor([i + 1 if pairs_with_next(i, s) else -1 for i, s in enumerate(samples)])
+
+
+def crop_end(image: Image.Image, end: str) -> Image.Image:
+    """The first or last ``END_CROP_SHARE`` of the image along its long side."""
+    w, h = image.size
+    if w >= h:
+        cut = round(w * END_CROP_SHARE)
+        return image.crop((0, 0, cut, h) if end == "first" else (w - cut, 0, w, h))
+    cut = round(h * END_CROP_SHARE)
+    return image.crop((0, 0, w, cut) if end == "first" else (0, h - cut, w, h))
+
+
 def load_images(samples: list[Sample], size: int) -> torch.Tensor:
     """Decode and letterbox every sample once: a uint8 (N, 1, size, size) tensor kept in memory."""
     out = torch.empty((len(samples), 1, size, size), dtype=torch.uint8)
     for i, s in enumerate(samples):
-        with Image.open(s.path) as img:
-            square, _ = letterbox(img.convert("L"), size)
+        grey = load_image(s.path)  # the one decoder serving uses too (EXIF orientation, 16-bit, alpha)
+        square, _ = letterbox(crop_end(grey, s.end) if s.end else grey, size)
         out[i, 0] = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())
     return out
 
@@ -157,3 +223,9 @@ def body_part_targets(samples: list[Sample], classes: tuple[str, ...]) -> torch.
         for part in s.body_parts:
             t[i, classes.index(part)] = 1.0 / len(s.body_parts)
     return t
+
+
+def group_of(sample: Sample) -> str:
+    """The group body-part accuracy is reported by: source and part, e.g. ``mura/elbow``, never pooled."""
+    kind = f"{sample.source}-end-crop" if sample.end else sample.source
+    return f"{kind}/{'+'.join(sample.body_parts)}"

@@ -12,6 +12,7 @@ through their library class (ScoreCAM with its masked inputs built a batch at a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 from collections.abc import Callable
 
@@ -22,16 +23,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Layer
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-SHARED_PASS_METHODS: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-}
-SLOW_METHODS = ("scorecam",)  # about 40 s per image on a CPU: callers may run them apart
 ColumnChooser = Callable[[torch.Tensor], "int | None"]
-DEFAULT_METHODS = ("gradcam", "gradcam++", "saliency")
 
 
 class BatchedScoreCAM(ScoreCAM):
@@ -63,8 +55,30 @@ class BatchedScoreCAM(ScoreCAM):
         return np.stack(weights)
 
 
-SEPARATE_PASS_METHODS: dict[str, type[BaseCAM]] = {"eigencam": EigenCAM, "scorecam": BatchedScoreCAM}
-METHODS = (*DEFAULT_METHODS, *[m for m in SHARED_PASS_METHODS if m not in DEFAULT_METHODS], *SEPARATE_PASS_METHODS)
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An explanation method: its label, the library class that defines it (None: saliency), and
+    whether it comes from the shared pass, is slow (callers may run it apart) or is on by default."""
+
+    label: str
+    cam: type[BaseCAM] | None
+    shared_pass: bool = True
+    slow: bool = False
+    default: bool = False
+
+
+# The one table of methods, in the order they are offered.
+METHODS: dict[str, Method] = {
+    "gradcam": Method("Grad-CAM", GradCAM, default=True),
+    "gradcam++": Method("Grad-CAM++", GradCAMPlusPlus, default=True),
+    "saliency": Method("Saliency", None, default=True),
+    "hirescam": Method("HiResCAM", HiResCAM),
+    "xgradcam": Method("XGradCAM", XGradCAM),
+    "layercam": Method("LayerCAM", LayerCAM),
+    "eigencam": Method("EigenCAM", EigenCAM, shared_pass=False),
+    "scorecam": Method("ScoreCAM", BatchedScoreCAM, shared_pass=False, slow=True),  # about 40 s a view on a CPU
+}
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if m.default)
 
 
 def method_slug(method: str) -> str:
@@ -119,7 +133,7 @@ class SharedPassCAM(BaseCAM):
 
     def cam(self, method: str) -> np.ndarray:
         """The ``method`` map (H, W) in [0, 1], computed the way its library class does."""
-        cls = SHARED_PASS_METHODS[method]
+        cls = METHODS[method].cam
         # Borrow the method's own weighting: BaseCAM.get_cam_image calls self.get_cam_weights.
         self.get_cam_weights = types.MethodType(cls.get_cam_weights, self)
         self.get_cam_image = types.MethodType(cls.get_cam_image, self)
@@ -152,16 +166,17 @@ def explain(
         with torch.inference_mode():
             return model(input_tensor), maps
     with torch.enable_grad(), SharedPassCAM(model, target_layer) as shared:
-        logits, column = shared.run(input_tensor, choose_column, input_gradient="saliency" in methods)
+        saliency = any(METHODS[m].cam is None for m in methods)
+        logits, column = shared.run(input_tensor, choose_column, input_gradient=saliency)
         if column is None:
             return logits, maps
         for method in methods:
-            if method == "saliency":
+            if METHODS[method].cam is None:
                 maps[method] = shared.saliency()
-            elif method in SHARED_PASS_METHODS:
+            elif METHODS[method].shared_pass:
                 maps[method] = shared.cam(method)
     for method in methods:
-        if method in SEPARATE_PASS_METHODS:
-            with torch.enable_grad(), SEPARATE_PASS_METHODS[method](model, [target_layer]) as cam:
+        if not METHODS[method].shared_pass:
+            with torch.enable_grad(), METHODS[method].cam(model, [target_layer]) as cam:
                 maps[method] = cam(input_tensor, [ClassifierOutputTarget(column)])[0]
     return logits, maps

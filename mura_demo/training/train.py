@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,47 +28,34 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .augment import augment
-from .config import OTHER, ModelConfig
-from .data import Sample, abnormality_rows, body_part_targets, load_images, load_splits, patients_of
-from .export import export_weights
-from .inference import score_images
+from ..core.config import ModelConfig
+from ..core.inference import score_images
+from ..core.model import MuraNet, create_model
+from ..core.preprocess import normalize
+from ..core.weights import save_weights
+from .augment import augment, randomize_style
+from .data import (
+    Sample,
+    abnormality_rows,
+    body_part_targets,
+    crop_siblings,
+    end_crops,
+    group_of,
+    load_images,
+    load_splits,
+    patients_of,
+    withhold,
+)
+from .evaluate import body_part_by_group
 from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
-from .model import MuraNet, create_model, split_logits
-from .preprocess import normalize
+from .settings import TrainSettings
 
 BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
-
-
-@dataclasses.dataclass
-class TrainSettings:
-    """Everything a training run depends on; saved beside its checkpoints and in config.json."""
-
-    data_root: str = "../shared/data"
-    out_dir: str = "runs/train"
-    export_dir: str | None = "weights"
-    imagenet_init: str | None = None
-    architecture: str = "tf_efficientnet_lite0"
-    input_size: int = 224
-    version: str = "dev"
-    head_epochs: int = 1
-    epochs: int = 6
-    batch_size: int = 32
-    head_lr: float = 3e-3
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    warmup_steps: int = 30
-    freeze_blocks: int = 2
-    patience: int = 3
-    ema_decay: float = 0.995  # per step, finetune phase only; 0 turns the average off
-    seed: int = 0
-    limit: int | None = None  # smoke runs: at most this many train and holdout images
-    max_steps: int | None = None  # smoke runs: at most this many steps per epoch
-    threads: int | None = None
 
 
 class Distributed:
@@ -119,14 +106,28 @@ def set_phase(model: MuraNet, phase: str, freeze_blocks: int) -> list[torch.nn.P
 
 
 class Losses:
-    """Body-part cross-entropy (class-balanced, soft targets) plus per-part abnormality BCE."""
+    """Body-part cross-entropy (class-balanced) plus per-part abnormality BCE.
+
+    An image with several candidate parts is right with any of them: its loss is minus the log of
+    their summed probability. The two end crops of one image, side by side in a batch, are scored
+    together: one end shows one candidate and the other end the other, so their loss is minus the
+    log of the probability that they are (X, Y) or (Y, X). Alone, "elbow" (a candidate of every crop)
+    would be a right answer for every crop; together, calling both ends elbow is wrong.
+    """
 
     def __init__(self, config: ModelConfig, samples: list[Sample]):
         self.config = config
-        self.targets = body_part_targets(samples, config.body_part_classes)
-        counts = self.targets.sum(0).clamp_min(1)
-        self.class_weight = (counts.sum() / counts).sqrt()
-        self.class_weight /= (self.class_weight * counts).sum() / counts.sum()
+        targets = body_part_targets(samples, config.body_part_classes)
+        self.candidates = targets > 0
+        counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
+        class_weight = (counts.sum() / counts).sqrt()
+        class_weight /= (class_weight * counts).sum() / counts.sum()
+        self.sample_weight = (self.candidates * class_weight).sum(1) / self.candidates.sum(1)
+        self.sibling = crop_siblings(samples)
+        classes = config.body_part_classes
+        self.pair_classes = torch.tensor(
+            [[classes.index(p) for p in s.body_parts] if len(s.body_parts) == 2 else [0, 0] for s in samples]
+        )
         self.part = torch.tensor(
             [config.body_parts.index(s.body_parts[0]) if s.abnormal is not None else -1 for s in samples]
         )
@@ -140,10 +141,8 @@ class Losses:
         self.parts_with_labels = [part for part, n in zip(config.body_parts, pos + neg) if n > 0]
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        bp_logits, ab_logits = split_logits(self.config, logits)
-        target = self.targets[index].to(logits.device)
-        weight = self.class_weight.to(logits.device)
-        bp_loss = -(target * weight * F.log_softmax(bp_logits, 1)).sum(1).mean()
+        bp_logits, ab_logits = self.config.split_logits(logits)
+        bp_loss = self.body_part_loss(F.log_softmax(bp_logits, 1), index.to(logits.device))
         part = self.part[index].to(logits.device)
         has = part >= 0
         if not has.any():
@@ -153,6 +152,24 @@ class Losses:
         pw = self.pos_weight.to(logits.device)[part[has]]
         ab_loss = F.binary_cross_entropy_with_logits(chosen, y, pos_weight=pw)
         return bp_loss + ab_loss
+
+    def body_part_loss(self, log_prob: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        device = log_prob.device
+        weight = self.sample_weight.to(device)[index]
+        row_ll = log_prob.masked_fill(~self.candidates.to(device)[index], -torch.inf).logsumexp(1)
+        # rows whose next row is their sibling crop: scored as a pair instead
+        sibling = self.sibling.to(device)[index]
+        first = torch.nonzero(sibling[:-1] == index[1:]).flatten()
+        if len(first):
+            x, y = self.pair_classes.to(device)[index[first]].unbind(1)
+            a, b = log_prob[first], log_prob[first + 1]
+
+            def pick(rows: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+                return rows.gather(1, cls[:, None])[:, 0]
+
+            pair_ll = torch.logaddexp(pick(a, x) + pick(b, y), pick(a, y) + pick(b, x))
+            row_ll = row_ll.index_put((first,), pair_ll / 2).index_put((first + 1,), pair_ll / 2)
+        return -(weight * row_ll).mean()
 
 
 def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
@@ -166,25 +183,40 @@ def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch
 
 
 def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
-    """Study-level AUROC per part with labels, and body-part accuracy, on the holdout."""
+    """Study-level AUROC per part with labels, and body-part accuracy, on the holdout.
+
+    ``body_part_accuracy`` is the mean of the per-group accuracies (source and part), so the
+    thousands of MURA forearm and humerus images cannot hide a failing group of a few dozen.
+    """
     report: dict = {
         "auroc": {part: auroc(y, p) for part, (_, y, p) in part_study_scores(config, samples, ab_prob).items()}
     }
-    predicted = [config.body_part_classes[i] for i in bp_prob.argmax(1).tolist()]
-    report["body_part_accuracy"] = float(np.mean([p in s.body_parts for p, s in zip(predicted, samples)]))
+    report["body_part_by_group"] = body_part_by_group(config, samples, bp_prob)
+    report["body_part_accuracy"] = float(np.mean([g["accuracy"] for g in report["body_part_by_group"].values()]))
     report["score"] = float(np.mean(list(report["auroc"].values()))) if report["auroc"] else 0.0
     return report
 
 
-def warmup_cosine(warm: int, total: int):
-    """Learning-rate factor per step: linear warm-up over ``warm`` steps, then cosine decay to 0."""
+def draw_weights(samples: list[Sample], settings: TrainSettings) -> torch.Tensor | None:
+    """Per-image sampling weights (None: every image equally often, the plain shuffle).
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return factor
+    With ``group_balance`` = a, each group of whole images (source and part) is drawn in proportion
+    to its size to the power a: 1 is the natural mix, 0 draws every group equally often, so the
+    few dozen UNIFESP elbows are not drowned by thousands of MURA forearms. End crops then take
+    ``crop_share`` of the draws, drawn as pairs (both ends of one image; see :class:`Losses`).
+    """
+    if settings.group_balance is None and not settings.crop_share:
+        return None
+    alpha = 1.0 if settings.group_balance is None else settings.group_balance
+    groups = [group_of(s) for s in samples]
+    size = Counter(groups)
+    weights = torch.tensor([size[g] ** (alpha - 1) for g in groups], dtype=torch.float64)
+    crop = torch.tensor([s.end is not None for s in samples])
+    weights[crop & (crop_siblings(samples) < 0)] = 0.0  # a crop pair is drawn through its first end
+    for chosen, share in ((crop, settings.crop_share), (~crop, 1 - settings.crop_share)):
+        if chosen.any():
+            weights[chosen] *= share / weights[chosen].sum()
+    return weights
 
 
 def flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -222,6 +254,75 @@ def subsample(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[int(i * step)] for i in range(limit)]
 
 
+@dataclasses.dataclass
+class TrainingData:
+    """What every epoch reads: the samples, their letterboxed images in memory, the losses and draws."""
+
+    train_set: list[Sample]
+    holdout: list[Sample]
+    images: torch.Tensor
+    holdout_images: torch.Tensor
+    losses: Losses
+    weights: torch.Tensor | None  # draw weights (None: a plain shuffle)
+    steps: int  # per epoch and rank
+
+
+def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
+    splits = load_splits(settings.data_root)
+    train_set = subsample(withhold(splits["train"], settings.withhold), settings.limit)
+    holdout = subsample(withhold(splits["holdout"], settings.withhold), settings.limit)
+    steps = max(1, len(train_set) // dist.world // settings.batch_size)  # an epoch: the whole images once
+    if settings.max_steps:
+        steps = min(steps, settings.max_steps)
+    if settings.crop_share:
+        train_set += end_crops(train_set)
+    t0 = time.time()
+    data = TrainingData(
+        train_set,
+        holdout,
+        load_images(train_set, config.input_size),
+        load_images(holdout, config.input_size),
+        Losses(config, train_set),
+        draw_weights(train_set, settings),
+        steps,
+    )
+    log(dist, f"loaded {len(train_set)} training and {len(holdout)} holdout images in {time.time() - t0:.0f}s")
+    return data
+
+
+def epoch_order(data: TrainingData, settings: TrainSettings, dist: Distributed, seed: int) -> torch.Tensor:
+    """This rank's sample indices for one epoch (every rank draws the same order, then takes its shard);
+    a drawn end crop brings its other end right after it."""
+    gen = torch.Generator().manual_seed(seed)
+    n = data.steps * settings.batch_size
+    if data.weights is None:
+        return torch.randperm(len(data.train_set), generator=gen)[dist.rank :: dist.world][:n]
+    units = torch.multinomial(data.weights, n * dist.world, True, generator=gen)[dist.rank :: dist.world]
+    sibling = data.losses.sibling[units]
+    pairs = torch.stack([units, sibling], 1).flatten()
+    return pairs[pairs >= 0][:n]
+
+
+def holdout_row(model, ema, config, data: TrainingData, phase: str, epoch: int) -> tuple[dict, dict, MuraNet, str]:
+    """Score the epoch's weights (and their moving average) on the holdout: the history row, the better
+    report, and the candidate it came from with its label."""
+    report = holdout_report(config, data.holdout, *score_images(model, config, data.holdout_images))
+    row = {
+        "phase": phase,
+        "epoch": epoch,
+        **{f"holdout_auroc_{k}": v for k, v in report["auroc"].items()},
+        "holdout_body_part_accuracy": report["body_part_accuracy"],
+        "holdout_score": report["score"],
+    }
+    candidate, label = model, f"{phase} {epoch}"
+    if ema is not None:
+        ema_report = holdout_report(config, data.holdout, *score_images(ema.module, config, data.holdout_images))
+        row["holdout_score_ema"] = ema_report["score"]
+        if ema_report["score"] > report["score"]:
+            report, candidate, label = ema_report, ema.module, f"{label} (EMA)"
+    return row, report, candidate, label
+
+
 def train(settings: TrainSettings) -> MuraNet:
     """Run both phases, keep the best holdout epoch, calibrate and export it (rank 0).
 
@@ -239,15 +340,7 @@ def train(settings: TrainSettings) -> MuraNet:
         raise ValueError("no ImageNet initialisation given (--imagenet-init): refusing to train from scratch")
     config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version)
     model = create_model(config, imagenet_init=settings.imagenet_init).to(dist.device)
-
-    splits = load_splits(settings.data_root)
-    train_set = subsample(splits["train"], settings.limit)
-    holdout = subsample(splits["holdout"], settings.limit)
-    t0 = time.time()
-    images = load_images(train_set, config.input_size)
-    holdout_images = load_images(holdout, config.input_size)
-    losses = Losses(config, train_set)
-    log(dist, f"loaded {len(train_set)} training and {len(holdout)} holdout images in {time.time() - t0:.0f}s")
+    data = load_training_data(settings, config, dist)
 
     ckpt_path, meta_path, best_path = out / "checkpoint.safetensors", out / "checkpoint.json", out / "best.safetensors"
     meta = {"phase": "heads", "epoch": 0, "best_score": -1.0, "best_epoch": None, "stale": 0, "history": []}
@@ -257,10 +350,7 @@ def train(settings: TrainSettings) -> MuraNet:
         log(dist, f"resuming from {meta['phase']} epoch {meta['epoch']}")
 
     phases = [("heads", settings.head_epochs, settings.head_lr), ("finetune", settings.epochs, settings.lr)]
-    per_rank = len(train_set) // dist.world
-    steps = max(1, per_rank // settings.batch_size)
-    if settings.max_steps:
-        steps = min(steps, settings.max_steps)
+    steps = data.steps
     for phase_no, (phase, epochs, lr) in enumerate(phases):
         if phase_no < [p[0] for p in phases].index(meta["phase"]) or epochs == 0:
             continue
@@ -277,7 +367,10 @@ def train(settings: TrainSettings) -> MuraNet:
             if ema is not None:
                 load_model_tensors(ema.module, tensors, prefix="ema.")
             start_epoch = meta["epoch"]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, total), last_epoch=start_epoch * steps - 1)
+        # linear warm-up from lr / (warm + 1), then cosine decay to 0 over the remaining steps
+        sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, warmup_t=warm,
+                                  warmup_lr_init=lr / (warm + 1), warmup_prefix=True, t_in_epochs=False)  # fmt: skip
+        sched.step_update(start_epoch * steps)
         if resume and phase == "finetune" and meta["phase"] == "heads":
             tensors = load_file(ckpt_path)
             load_model_tensors(model, tensors)
@@ -289,48 +382,25 @@ def train(settings: TrainSettings) -> MuraNet:
             if phase == "finetune" and meta["stale"] >= settings.patience:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
                 break
-            gen = torch.Generator().manual_seed(settings.seed * 1000 + epoch + 100 * phase_no)
-            order = torch.randperm(len(train_set), generator=gen)[dist.rank :: dist.world][
-                : steps * settings.batch_size
-            ]
+            order = epoch_order(data, settings, dist, seed=settings.seed * 1000 + epoch + 100 * phase_no)
             aug_gen = torch.Generator().manual_seed(settings.seed * 7919 + dist.rank * 131 + epoch + 100 * phase_no)
             running, t_epoch = 0.0, time.time()
-            bar = tqdm(
-                range(steps),
-                desc=f"{phase} {epoch + 1}/{epochs}",
-                disable=not dist.main,
-                mininterval=5,
-                file=sys.stdout,
-            )
+            bar = tqdm(range(steps), desc=f"{phase} {epoch + 1}/{epochs}", disable=not dist.main, mininterval=5,
+                       file=sys.stdout)  # fmt: skip
             for step in bar:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-                x = augment(images[index], aug_gen)
-                logits = net(normalize(x, config).to(dist.device))
-                loss = losses(logits, index)
+                x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
+                loss = data.losses(net(normalize(x, config).to(dist.device)), index)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                sched.step_update(epoch * steps + step + 1)
                 if ema is not None:
                     ema.update(model)
                 running += loss.item()
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
-            report = holdout_report(config, holdout, *score_images(model, config, holdout_images))
-            row = {
-                "phase": phase,
-                "epoch": epoch + 1,
-                "train_loss": running / steps,
-                "seconds": time.time() - t_epoch,
-                **{f"holdout_auroc_{k}": v for k, v in report["auroc"].items()},
-                "holdout_body_part_accuracy": report["body_part_accuracy"],
-                "holdout_score": report["score"],
-            }
-            candidate, label = model, f"{phase} {epoch + 1}"
-            if ema is not None:
-                ema_report = holdout_report(config, holdout, *score_images(ema.module, config, holdout_images))
-                row["holdout_score_ema"] = ema_report["score"]
-                if ema_report["score"] > report["score"]:
-                    report, candidate, label = ema_report, ema.module, f"{label} (EMA)"
+            row, report, candidate, label = holdout_row(model, ema, config, data, phase, epoch + 1)
+            row |= {"train_loss": running / steps, "seconds": time.time() - t_epoch}
             meta["history"].append(row)
             improved = report["score"] > meta["best_score"]
             if improved:
@@ -348,7 +418,7 @@ def train(settings: TrainSettings) -> MuraNet:
                 meta_path.write_text(json.dumps({**meta, "optimizer": opt_meta}, indent=1))
                 log(dist, json.dumps(row))
     if dist.main:
-        finalize(settings, copy.deepcopy(model), best_path, holdout, holdout_images, losses, meta)
+        finalize(settings, copy.deepcopy(model), best_path, data.holdout, data.holdout_images, data.losses, meta)
         plot_curves(meta["history"], out / "curves.png")
     dist.close()
     return model
@@ -378,29 +448,27 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         if part not in losses.parts_with_labels:
             continue
         config.thresholds[part], threshold_rules[part] = cross_validated_threshold(y, p, patients_of(holdout, studies))
-        config.validated[part] = True
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
-    validated = [p for p in config.body_parts if config.validated[p]]
+    # No part is validated here: `evaluate --card` marks the parts whose held-out figures earn it.
+    trained = list(holdout_metrics)
     with torch.no_grad():
         head = model.abnormality_head
-        rows = [config.body_parts.index(p) for p in validated]
+        rows = [config.body_parts.index(p) for p in trained]
         for part in config.body_parts:
-            if not config.validated[part] and rows:
+            if part not in trained and rows:
                 # No abnormality labels for this part: it borrows the mean of the trained parts'
                 # weights (a transfer guess, flagged "not validated" everywhere it is shown).
                 i = config.body_parts.index(part)
                 head.weight[i] = head.weight[rows].mean(0)
                 head.bias[i] = head.bias[rows].mean()
-                config.thresholds[part] = float(np.mean([config.thresholds[p] for p in validated]))
-    other_idx = [i for i, s in enumerate(holdout) if s.body_parts == (OTHER,)]
+                config.thresholds[part] = float(np.mean([config.thresholds[p] for p in trained]))
     config.trained = True
+    by_group = body_part_by_group(config, holdout, bp_prob)
     config.metrics = {
         "holdout": {
             "study_level": holdout_metrics,
-            "body_part_accuracy": holdout_report(config, holdout, bp_prob, ab_prob)["body_part_accuracy"],
-            "other_recall": float((bp_prob[other_idx].argmax(1) == len(config.body_parts)).float().mean())
-            if other_idx
-            else None,
+            "body_part_accuracy": float(np.mean([g["accuracy"] for g in by_group.values()])),
+            "body_part_by_group": by_group,
         }
     }
     config.training = {
@@ -414,7 +482,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
     }
     if settings.export_dir:
-        export_weights(model, config, settings.export_dir)
+        save_weights(model, config, settings.export_dir)
         print(f"exported to {settings.export_dir}")
     return config
 

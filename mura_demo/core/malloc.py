@@ -8,12 +8,12 @@ training step's time. Elsewhere than glibc these are no-ops.
 from __future__ import annotations
 
 import ctypes
-
-from .uploads import run_every
+import functools
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``mallopt`` and ``malloc_trim``), else None."""
     try:
@@ -34,11 +34,17 @@ def tune_for_batch_work() -> None:
         libc.mallopt(M_TOP_PAD, 256 << 20)
 
 
-def tune_for_serving(arenas: int = 2, trim_every: float = 5.0) -> None:
+def tune_for_serving(arenas: int = 2) -> None:
     """Keep the server's resident memory flat: cap the per-thread malloc arenas (Gradio's worker
-    threads otherwise each keep their own freed memory) and hand freed pages back to the system
-    every few seconds (freed holes between live blocks otherwise stay resident)."""
+    threads otherwise each keep their own freed memory). The server also calls :func:`trim` every
+    few seconds, since freed holes between live blocks otherwise stay resident."""
     libc = glibc()
     if libc is not None:
         libc.mallopt(M_ARENA_MAX, arenas)
-        run_every(trim_every, lambda: libc.malloc_trim(0), "malloc-trim")
+
+
+def trim() -> None:
+    """Hand freed heap pages back to the system."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -1,0 +1,227 @@
+"""The pipeline: image in -> preprocessing -> model -> explanations -> presentation.
+
+:class:`Predictor` is what the Gradio app, the CLI, batch runs and the benchmarks call; it needs
+no Gradio. It runs the network and hands the probabilities to :mod:`.reading`, which alone decides
+what the user is told. One lock guards the model, so concurrent requests never share hook state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.checks import ImageInputError, RequestError
+from ..core.explain import DEFAULT_METHODS, METHODS, explain
+from ..core.imaging import load_image, load_views
+from ..core.inference import answer_from
+from ..core.preprocess import Box, to_model_input
+from ..core.render import overlay
+from ..core.weights import LoadedModel, load_model
+from .reading import AUTO, Prediction, ViewScores, read_study, routed_part
+from .reading import at_threshold as reading_at_threshold
+
+MAX_VIEWS = 12  # views per study (files, or frames of multi-frame DICOM)
+
+
+@dataclasses.dataclass
+class Explanation:
+    """Explanation maps of one radiograph and what is needed to draw them."""
+
+    image: Image.Image
+    box: Box
+    maps: dict[str, np.ndarray]
+
+    def overlays(self, opacity: float = 0.5, colormap: str = "jet") -> dict[str, np.ndarray]:
+        return {m: overlay(self.image, cam, self.box, opacity, colormap) for m, cam in self.maps.items()}
+
+
+@dataclasses.dataclass
+class Analysis(Explanation):
+    """A view's reading with the maps behind it."""
+
+    prediction: Prediction
+
+
+@dataclasses.dataclass
+class StudyAnalysis:
+    """Several views of one study: each view's analysis and the study's reading of them."""
+
+    views: list[Analysis]
+    study: dict  # see reading.read_study
+
+    def to_dict(self) -> dict:
+        """The API's JSON answer: a per-view list and the study result."""
+        return {"views": [v.prediction.to_dict() for v in self.views], "study": self.study}
+
+
+@dataclasses.dataclass
+class View:
+    """One decoded view on its way through the model."""
+
+    image: Image.Image
+    x: torch.Tensor
+    box: Box
+    scores: ViewScores
+
+
+class Predictor:
+    """Body part, abnormality and explanation maps for uploaded radiographs."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = loaded.config
+        self.target_layer = self.model.get_submodule(self.config.cam_layer)
+        self.lock = threading.Lock()
+        # Slow methods (ScoreCAM) run on their own copy of the model under their own lock, so one
+        # slow request never holds up the fast ones; they queue only behind each other.
+        self.slow_model = copy.deepcopy(self.model)
+        self.slow_lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, spec: str | None = None) -> Predictor:
+        return cls(load_model(spec))
+
+    @property
+    def body_part_choices(self) -> list[str]:
+        return [AUTO, *self.config.body_parts]
+
+    # What users ask for -------------------------------------------------------------------------
+
+    def predict(self, source: str | Path | bytes, body_part: str = AUTO, threshold: float | None = None) -> Prediction:
+        """Body part, abnormality and verdict of one radiograph, without maps."""
+        return self.analyze(source, body_part, (), threshold).prediction
+
+    def analyze(
+        self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
+    ) -> Analysis:
+        """One radiograph read and explained (the fast maps from one shared forward/backward pass)."""
+        image = load_image(source)  # a multi-frame DICOM is refused here: it is a study
+        return self.analyze_study([image], body_part, methods, threshold).views[0]
+
+    def predict_study(self, sources, body_part: str = AUTO, threshold: float | None = None) -> dict:
+        """The study reading without maps, as JSON-serialisable data."""
+        return self.analyze_study(sources, body_part, (), threshold).to_dict()
+
+    def analyze_study(
+        self, sources, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
+    ) -> StudyAnalysis:
+        """Several views of one study (multi-frame DICOM frames count as views), read together by
+        :func:`.reading.read_study`; each view read at the study's part is explained for that part."""
+        body_part, methods = self.check_request(body_part, threshold, methods)
+        views = [self.view(image) for image in self._decode_study(sources)]
+        reading = read_study(self.config, [v.scores for v in views], body_part, threshold, self.loaded.revision)
+        analyses = []
+        for view, prediction in zip(views, reading.views):
+            part = prediction.body_part
+            maps = self._maps(view.x, lambda _, part=part: part, methods) if part and methods else {}
+            analyses.append(Analysis(view.image, view.box, maps, prediction))
+        return StudyAnalysis(analyses, reading.study)
+
+    def explain(self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS) -> Explanation:
+        """The maps alone (what ``/explain`` serves), from only the passes they need: the shared pass, and
+        with "auto" the passes the body part is read from; none for the abnormality probability. No maps
+        when the body-part head says the image is not an upper-extremity radiograph."""
+        body_part, methods = self.check_request(body_part, None, methods)
+        image = load_image(source)
+        x, box = to_model_input(image, self.config)
+        if body_part == AUTO:
+            with self.lock:
+                answer = answer_from(self.model, self.config, x, body_part=True, abnormality=False)
+
+            def part_of(logits: torch.Tensor) -> str | None:
+                return routed_part(self.config, self._scores(answer(logits)).body_part, AUTO)[0]
+
+        else:
+
+            def part_of(_) -> str:
+                return body_part
+
+        return Explanation(image, box, self._maps(x, part_of, methods))
+
+    def at_threshold(self, analysis: StudyAnalysis, threshold: float | None) -> StudyAnalysis:
+        """The same reading at another decision threshold: only the verdicts change, so the model
+        does not run again (the same study analysed at ``threshold`` reads the same)."""
+        self.check_request(AUTO, threshold, ())
+        views = [
+            dataclasses.replace(
+                v,
+                prediction=Prediction(**reading_at_threshold(self.config, v.prediction.to_dict(), threshold)),
+            )
+            for v in analysis.views
+        ]
+        return StudyAnalysis(views, reading_at_threshold(self.config, analysis.study, threshold))
+
+    # The steps -----------------------------------------------------------------------------------
+
+    def check_request(self, body_part: str, threshold: float | None, methods) -> tuple[str, tuple[str, ...]]:
+        """The request's options, checked before any work: a clean error names what is wrong."""
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise RequestError("The decision threshold must lie strictly between 0 and 1.")
+        body_part = (body_part or AUTO).strip().lower()
+        if body_part not in self.body_part_choices:
+            raise RequestError(f"Unknown body part '{body_part}'. Choose one of: {', '.join(self.body_part_choices)}.")
+        methods = tuple(methods or ())
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise RequestError(f"Unknown method '{unknown[0]}'. Choose one of: {', '.join(METHODS)}.")
+        return body_part, methods
+
+    @staticmethod
+    def _decode_study(sources) -> list[Image.Image]:
+        """Every view of the study's files, the file named in any error."""
+        sources, images = list(sources), []
+        for number, source in enumerate(sources, 1):
+            if isinstance(source, Image.Image):
+                images.append(source)
+                continue
+            try:
+                images += load_views(source)
+            except ImageInputError as err:
+                where = f"File {number} of {len(sources)}: " if len(sources) > 1 else ""
+                raise ImageInputError(f"{where}{err}") from None
+        if not images:
+            raise ImageInputError("A study needs at least one image.")
+        if len(images) > MAX_VIEWS:
+            raise ImageInputError(f"A study can have at most {MAX_VIEWS} views; this one has {len(images)}.")
+        return images
+
+    def view(self, image: Image.Image) -> View:
+        """A decoded view through the model's forward passes (no gradients)."""
+        x, box = to_model_input(image, self.config)
+        with self.lock, torch.no_grad():
+            scores = self._scores(answer_from(self.model, self.config, x)(self.model(x)))
+        return View(image, x, box, scores)
+
+    def _scores(self, logits: torch.Tensor) -> ViewScores:
+        """The model's answer (1, num_outputs) as probabilities by name."""
+        body, abnormal = self.config.split_logits(logits.float())
+        return ViewScores(
+            dict(zip(self.config.body_part_classes, body.softmax(1)[0].tolist())),
+            dict(zip(self.config.body_parts, abnormal.sigmoid()[0].tolist())),
+        )
+
+    def _maps(self, x: torch.Tensor, part_of: Callable[[torch.Tensor], str | None], methods) -> dict[str, np.ndarray]:
+        """Maps of the abnormality logit of the part ``part_of`` names from the view's own logits: the
+        fast maps from one shared pass under the model's lock, then the slow ones on the spare copy."""
+
+        def column_of(logits: torch.Tensor) -> int | None:
+            part = part_of(logits)
+            return None if part is None else self.config.abnormality_index(part)
+
+        fast = [m for m in methods if not METHODS[m].slow]
+        with self.lock:
+            logits, maps = explain(self.model, self.target_layer, x, column_of, fast)
+        slow, column = [m for m in methods if METHODS[m].slow], column_of(logits)
+        if slow and column is not None:
+            layer = self.slow_model.get_submodule(self.config.cam_layer)
+            with self.slow_lock:
+                maps |= explain(self.slow_model, layer, x, lambda _: column, slow)[1]
+        return maps

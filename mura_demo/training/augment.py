@@ -1,0 +1,160 @@
+"""Batched training augmentation on letterboxed greyscale tensors.
+
+Geometry (rotation, horizontal flip, zoom and shift: a random resized crop of the letterboxed
+square) and gamma/contrast/brightness jitter, done on whole batches with one ``grid_sample`` so
+that augmentation costs little next to the network on a CPU.
+
+:func:`randomize_style` goes further, for the body part's sake: the two sources differ in look
+(MURA films are grey, low in contrast, tilted, with burned-in letters; UNIFESP exports are crisp,
+dark-backgrounded, high in contrast), and a network left alone learns the look instead of the
+anatomy. Each image gets a random mix of the other source's traits, so look stops telling parts apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+
+def uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+
+def chance(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(n,) booleans, each true with probability ``p``."""
+    return torch.rand(n, generator=generator) < p
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator, max_rotation: float = 15.0) -> torch.Tensor:
+    """uint8 (N, 1, S, S) -> augmented float (N, 1, S, S) in [0, 1]."""
+    n = batch.shape[0]
+    angle = uniform(n, -max_rotation, max_rotation, generator) * math.pi / 180
+    zoom = uniform(n, 0.8, 1.15, generator)  # < 1 zooms in (crops), > 1 zooms out
+    flip = torch.where(chance(n, 0.5, generator), -1.0, 1.0)
+    tx, ty = uniform(n, -0.08, 0.08, generator), uniform(n, -0.08, 0.08, generator)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    x = batch.float() / 255.0
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gamma = torch.exp(uniform(n, -0.3, 0.3, generator)).view(n, 1, 1, 1)
+    contrast = uniform(n, 0.8, 1.2, generator).view(n, 1, 1, 1)
+    brightness = uniform(n, -0.08, 0.08, generator).view(n, 1, 1, 1)
+    x = x.clamp_min(0).pow(gamma)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
+
+
+def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each image of ``x`` given the grey-level distribution of the same row of ``reference``."""
+    flat, ref = x.flatten(1), reference.flatten(1).sort(1).values
+    ranks = flat.argsort(1).argsort(1)
+    return ref.gather(1, ranks).view_as(x)
+
+
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation: each pixel becomes its rank among the image's pixels, in [0, 1]."""
+    flat = x.flatten(1)
+    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def marker_glyphs(size: int) -> tuple[torch.Tensor, ...]:
+    """Masks of the side markers burned into radiographs ('L', 'R', a filled square), ``size`` px high."""
+    font = ImageFont.load_default(size=size)
+    masks = []
+    for text in ("L", "R", "LT", "RT", None):
+        canvas = Image.new("L", (size * 2, size + 4), 0)
+        draw = ImageDraw.Draw(canvas)
+        if text is None:
+            draw.rectangle((0, 0, size // 2, size // 2), fill=255)
+        else:
+            draw.text((0, 0), text, fill=255, font=font)
+        box = canvas.getbbox() or (0, 0, 1, 1)
+        masks.append(torch.from_numpy(np.asarray(canvas.crop(box), dtype=np.float32) / 255.0))
+    return tuple(masks)
+
+
+def burn_in_markers(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A bright side marker at a random place of each image."""
+    x = x.clone()
+    side = x.shape[-1]
+    for i in range(len(x)):
+        glyphs = marker_glyphs(int(uniform(1, side * 0.05, side * 0.11, generator)))
+        mask = glyphs[int(torch.randint(len(glyphs), (1,), generator=generator))]
+        h, w = mask.shape
+        top = int(torch.randint(0, max(1, side - h), (1,), generator=generator))
+        left = int(torch.randint(0, max(1, side - w), (1,), generator=generator))
+        level = float(uniform(1, 0.7, 1.0, generator))
+        patch = x[i, 0, top : top + h, left : left + w]
+        x[i, 0, top : top + h, left : left + w] = torch.maximum(patch, mask[: patch.shape[0], : patch.shape[1]] * level)
+    return x
+
+
+def collimation_frame(n: int, side: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 1, side, side) masks of a randomly placed and tilted rectangle (1 inside, 0 outside)."""
+    half_w, half_h = uniform(n, 0.55, 0.95, generator), uniform(n, 0.55, 0.95, generator)
+    cx, cy = uniform(n, -0.15, 0.15, generator), uniform(n, -0.15, 0.15, generator)
+    angle = uniform(n, -0.5, 0.5, generator)
+    axis = torch.linspace(-1, 1, side)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    dx, dy = xx[None] - cx.view(n, 1, 1), yy[None] - cy.view(n, 1, 1)
+    c, s = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    return ((u.abs() <= half_w.view(n, 1, 1)) & (v.abs() <= half_h.view(n, 1, 1))).float()[:, None]
+
+
+def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """Float (N, 1, S, S) in [0, 1] -> the same anatomy in a random mix of looks; each trait is
+    drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is)."""
+    if p <= 0:
+        return x
+    x = x.clone()
+    n, side = x.shape[0], x.shape[-1]
+
+    def apply(q: float, change) -> None:  # ``change`` on the images drawn with probability q * p
+        rows = torch.nonzero(chance(n, q * p, generator)).flatten()
+        if len(rows):
+            x[rows] = change(x[rows], rows).clamp(0, 1)
+
+    def per_image(lo: float, hi: float, rows: torch.Tensor) -> torch.Tensor:
+        return uniform(len(rows), lo, hi, generator).view(-1, 1, 1, 1)
+
+    reference = x[torch.randperm(n, generator=generator)]
+    apply(0.3, lambda v, rows: match_histograms(v, reference[rows]))
+    apply(0.15, lambda v, _: equalize(v))
+    apply(1.0, lambda v, rows: v.pow(torch.exp(per_image(-0.6, 0.6, rows))))
+    apply(0.3, lambda v, rows: (lift := per_image(0.0, 0.35, rows)) + (1 - lift) * v)  # a grey film base
+    apply(0.2, lambda v, rows: (v - 0.5) * per_image(1.2, 1.6, rows) + 0.5)  # a crisper, harder export
+    factor = float(uniform(1, 1.5, 3.0, generator))  # resolution round trip
+
+    def round_trip(v, _):
+        small = F.interpolate(v, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(small, size=(side, side), mode="bilinear", align_corners=False)
+
+    apply(0.25, round_trip)
+    sigma = float(uniform(1, 0.6, 1.6, generator))
+    apply(0.2, lambda v, _: blur(v, sigma))
+
+    def frame(v, rows):
+        inside = collimation_frame(len(rows), side, generator)
+        return v * inside + per_image(0.0, 0.5, rows) * (1 - inside)
+
+    apply(0.25, frame)
+    apply(0.35, lambda v, _: burn_in_markers(v, generator))
+    apply(0.3, lambda v, rows: v + torch.randn(v.shape, generator=generator) * per_image(0.0, 0.04, rows))
+    return x

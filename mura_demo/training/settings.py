@@ -1,0 +1,50 @@
+"""The settings of a training run and of an evaluation: plain dataclasses, importable without the
+training machinery (the command line builds its options from them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    """Everything a training run depends on; saved beside its checkpoints and in config.json."""
+
+    data_root: str = "../shared/data"
+    out_dir: str = "runs/train"
+    export_dir: str | None = "weights"
+    imagenet_init: str | None = None
+    architecture: str = "tf_efficientnet_lite0"
+    input_size: int = 224
+    version: str = "dev"
+    head_epochs: int = 1
+    epochs: int = 6
+    batch_size: int = 32
+    head_lr: float = 3e-3
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    freeze_blocks: int = 2
+    patience: int = 3
+    ema_decay: float = 0.995  # per step, finetune phase only; 0 turns the average off
+    seed: int = 0
+    withhold: str | None = None  # "mura:elbow": leave that source's part out (leave-one-source-out run)
+    style: float = 0.0  # strength of cross-source style randomisation (0: off, 1: every trait at its rate)
+    group_balance: float | None = None  # draw each source-and-part group by size**this (None: plain shuffle)
+    crop_share: float = 0.0  # share of draws from MURA end crops (elbow/wrist/shoulder candidates)
+    limit: int | None = None  # smoke runs: at most this many train and holdout images
+    max_steps: int | None = None  # smoke runs: at most this many steps per epoch
+    threads: int | None = None
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """What an evaluation reads and writes."""
+
+    data_root: str = "../shared/data"
+    weights: str = "weights"
+    out_dir: str = "runs/eval"
+    imagenet_init: str | None = None  # for the baseline; skipped when absent
+    loso_weights: str | None = None  # a run trained with a source withheld (train --withhold): its figures
+    n_boot: int = 1000
+    threads: int | None = None

@@ -1,0 +1,108 @@
+"""The body-part levers on their own, without data: style randomisation, group-balanced draws, end crops
+and the candidate-set loss."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mura_demo.core.config import ModelConfig
+from mura_demo.training.augment import augment, equalize, match_histograms, randomize_style
+from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
+from mura_demo.training.settings import TrainSettings
+from mura_demo.training.train import Losses, draw_weights
+
+
+def sample(parts, source="mura", abnormal=0, end=None) -> Sample:
+    return Sample(Path(f"{'-'.join(parts)}.png"), tuple(parts), abnormal, "study", "patient", source, end)
+
+
+def test_style_randomisation_keeps_the_anatomy_frame_and_range():
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(8, 1, 64, 64, generator=g) * 255).to(torch.uint8)
+    x = augment(batch, torch.Generator().manual_seed(1))
+    assert torch.equal(randomize_style(x, g, 0.0), x)
+    styled = randomize_style(x, torch.Generator().manual_seed(2), 1.0)
+    assert styled.shape == x.shape and styled.min() >= 0 and styled.max() <= 1
+    assert not torch.allclose(styled, x)
+    assert torch.equal(styled, randomize_style(x, torch.Generator().manual_seed(2), 1.0))  # seeded: repeatable
+
+
+def test_histogram_matching_and_equalisation():
+    x = torch.linspace(0, 1, 100).view(1, 1, 10, 10) ** 3
+    reference = torch.linspace(0.2, 0.6, 100).flip(0).view(1, 1, 10, 10)
+    matched = match_histograms(x, reference)
+    assert torch.equal(matched.flatten().sort().values, reference.flatten().sort().values)
+    assert torch.equal(matched.flatten().argsort(), x.flatten().argsort())  # order of grey levels kept
+    assert torch.allclose(equalize(x).flatten(), torch.linspace(0, 1, 100), atol=1e-6)
+
+
+def test_end_crops_are_either_end_with_both_candidates():
+    whole = [sample(["forearm"]), sample(["humerus"], abnormal=1), sample(["elbow"]), sample(["wrist"], "unifesp")]
+    crops = end_crops(whole)
+    assert [(c.body_parts, c.end, c.abnormal) for c in crops] == [
+        (("elbow", "wrist"), "first", None),
+        (("elbow", "wrist"), "last", None),
+        (("elbow", "shoulder"), "first", None),
+        (("elbow", "shoulder"), "last", None),
+    ]
+    assert group_of(crops[0]) == "mura-end-crop/elbow+wrist" and group_of(whole[3]) == "unifesp/wrist"
+    image = Image.new("L", (100, 300))
+    assert crop_end(image, "first").size == (100, 150) and crop_end(image.rotate(90, expand=True), "last").size == (
+        150,
+        100,
+    )
+
+
+def test_draws_give_crops_their_share_and_balance_groups():
+    samples = [sample(["forearm"])] * 90 + [sample(["elbow"], "unifesp", None)] * 10
+    samples += end_crops(samples[:5])
+    assert draw_weights(samples, TrainSettings()) is None  # the plain shuffle
+    weights = draw_weights(samples, TrainSettings(group_balance=0.0, crop_share=0.2))
+    crop = torch.tensor([s.end is not None for s in samples])
+    elbow = torch.tensor([s.source == "unifesp" for s in samples])
+    assert float(weights[crop].sum()) == pytest.approx(0.2)
+    assert float(weights[elbow].sum()) == pytest.approx(0.4)  # two groups of whole images, drawn alike
+    natural = draw_weights(samples, TrainSettings(group_balance=1.0, crop_share=0.2))
+    assert float(natural[elbow].sum()) == pytest.approx(0.8 * 10 / 100)
+
+
+def test_a_candidate_set_is_right_with_any_of_its_parts():
+    config = ModelConfig()
+    samples = [sample(["forearm"]), sample(["elbow", "wrist"], abnormal=None, end="first")]
+    losses = Losses(config, samples)
+    logits = torch.zeros(1, config.num_outputs)
+    logits[:, config.body_part_classes.index("elbow")] = 2.0
+    n = len(config.body_part_classes)
+    p_elbow = math.exp(2) / (math.exp(2) + n - 1)
+    p_other_class = 1 / (math.exp(2) + n - 1)
+    weights = losses.sample_weight
+    body_part_loss = losses(logits, torch.tensor([1]))  # the crop has no abnormality label: body part alone
+    assert float(body_part_loss) == pytest.approx(-float(weights[1]) * math.log(p_elbow + p_other_class), rel=1e-5)
+    first = losses(logits, torch.tensor([0]))
+    assert float(first) > -float(weights[0]) * math.log(p_other_class)  # CE of forearm, plus the abnormality BCE
+
+
+def test_the_two_ends_of_one_image_are_scored_as_a_pair():
+    """Calling both ends of a forearm "elbow" is right for each crop alone but wrong for the pair."""
+    config = ModelConfig()
+    whole = [sample(["forearm"]), sample(["humerus"])]
+    samples = whole + end_crops(whole)
+    assert crop_siblings(samples).tolist() == [-1, -1, 3, -1, 5, -1]
+    losses = Losses(config, samples)
+    elbow, wrist = (config.body_part_classes.index(p) for p in ("elbow", "wrist"))
+
+    def loss(first: int, last: int, index=(2, 3)) -> float:
+        logits = torch.zeros(2, config.num_outputs)
+        logits[0, first] = logits[1, last] = 4.0
+        return float(losses(logits, torch.tensor(index)))
+
+    assert loss(elbow, wrist) == pytest.approx(loss(wrist, elbow))  # either end may be the elbow
+    assert loss(elbow, elbow) > loss(elbow, wrist) + 1.0
+    assert loss(elbow, elbow, index=(3, 2)) < loss(elbow, elbow)  # out of order: each crop alone
+    weights = draw_weights(samples, TrainSettings(group_balance=1.0, crop_share=0.5))
+    assert weights[[3, 5]].tolist() == [0.0, 0.0]  # a pair is drawn through its first end
