@@ -1,4 +1,4 @@
-"""DICOM built with pydicom from real radiographs: the model sees the same pixels as from the PNG."""
+"""DICOM built with pydicom from a radiograph-like image: the model sees the same pixels as from the PNG."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import needs_data
 
 from mura_demo.core.imaging import ImageInputError, load_image, load_views
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
-
-pytestmark = needs_data
 
 
 def make_dicom(stored: np.ndarray, bits: int, photometric: str = "MONOCHROME2", **tags) -> bytes:
@@ -44,8 +41,8 @@ def make_dicom(stored: np.ndarray, bits: int, photometric: str = "MONOCHROME2", 
 
 
 @pytest.fixture(scope="module")
-def png_pixels(radiographs):
-    return np.asarray(load_image(radiographs["forearm"]))
+def png_pixels(images):
+    return np.asarray(load_image(images["wide"]))
 
 
 @pytest.mark.parametrize(

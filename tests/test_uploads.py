@@ -71,9 +71,9 @@ def holds(folder, data: bytes) -> bool:
     return any(p.is_file() and p.read_bytes() == data for p in folder.rglob("*"))
 
 
-def test_no_upload_outlives_the_server(tmp_path, radiographs):
+def test_no_upload_outlives_the_server(tmp_path, images):
     """A killed server's uploads are removed by the next server; a stopped server removes its own."""
-    path = radiographs["humerus"]
+    path = images["b"]
     data = path.read_bytes()
     env = {"TMPDIR": str(tmp_path), "GRADIO_TEMP_DIR": "", "MURA_DEMO_UPLOAD_TTL": "600"}
 
