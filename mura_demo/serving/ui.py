@@ -108,9 +108,9 @@ def model_markdown(predictor: Predictor) -> str:
     text = (
         f"Model: `{cfg.architecture}` · weights: {loaded.source} · {card} · abnormality validated for: **{validated}**"
     )
-    if cfg.body_part_confirmation:
-        reason = cfg.body_part_confirmation_reason
-        text += f"\n\nA detected body part needs your confirmation for a validated reading: {reason}"
+    if cfg.body_part_confirmation:  # the reason itself is in every reading's note: short here, so that on a
+        # phone the reading stays in the first screen
+        text += " · a detected body part needs your confirmation (one click) for a validated reading"
     if loaded.notice:
         text += f"\n\n> ⚠️ {loaded.notice}"
     return text
