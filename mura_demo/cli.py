@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core.checks import SUFFIXES, UserError
+from .core.checks import SUFFIXES, UserError, find_images
 from .core.weights import WeightsError
 from .training.settings import EvalSettings, TrainSettings
 
@@ -47,7 +47,7 @@ def image_files(paths: list[str]) -> list[str]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found = [str(p) for p in find_images(path)]
             if not found:
                 raise UserError(f"{path} holds no image ({', '.join(SUFFIXES)}).")
             files += found

@@ -6,6 +6,8 @@ from here, so no two places can disagree about what is accepted.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -15,6 +17,11 @@ MAX_BYTES = 50 * 1024 * 1024
 RASTER_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "TIFF"}  # as Pillow names them
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 FORMAT_NAMES = "PNG, JPEG, BMP, TIFF or DICOM"
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The files under ``folder`` with an accepted suffix, sorted (what a folder given as input means)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
 
 
 class UserError(ValueError):

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ..core.checks import SUFFIXES, UserError
+from ..core.checks import UserError, find_images
 from ..core.explain import method_slug
 from ..core.imaging import load_views
 from .predictor import Predictor
@@ -35,10 +35,6 @@ VIEW_FIELDS = ["path", "study", "body_part", "body_part_status", "predicted_body
                "abnormality_probability", "threshold", "verdict", "validated"]  # fmt: skip
 STUDY_FIELDS = ["study", "formed_by", "views", "body_part", "body_part_status", "abnormality_probability",
                 "threshold", "verdict", "validated", "views_answered_other", "label"]  # fmt: skip
-
-
-def find_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
 
 
 def group_studies(folder: Path, rule: str) -> dict[str, tuple[str, list[Path]]]:

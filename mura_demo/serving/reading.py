@@ -192,16 +192,17 @@ def read_study(
     kept = [i for i in range(len(scores)) if i not in others] or list(range(len(scores)))
     mean = {c: float(np.mean([scores[i].body_part[c] for i in kept])) for c in config.body_part_classes}
     part, status = routed_part(config, mean, requested)
+    tied = False  # as many views answered other as views of a part
     if requested == AUTO and part is not None:
         if len(others) > len(scores) - len(others):
             part, status = None, NOT_ARM
         elif len(others) == len(scores) - len(others):
-            status = UNCERTAIN
+            status, tied = UNCERTAIN, True
     abnormality = None if part is None else float(np.mean([scores[i].abnormality[part] for i in kept]))
     looks_other = len(others) == len(scores)
     source = "model" if requested == AUTO else "user"
     reading = read(config, mean, abnormality, part, status, threshold, revision, looks_other, source)
-    if requested == AUTO and part is not None and len(others) == len(scores) - len(others):
+    if tied:
         listed = ", ".join(str(i + 1) for i in others)
         reading.note = (
             f"As many views look like no upper-extremity radiograph (view {listed}) as like a {part}: the study's "

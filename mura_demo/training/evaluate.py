@@ -60,6 +60,13 @@ def abnormality_report(config: ModelConfig, samples: list[Sample], probs: np.nda
     return report, curves
 
 
+def named_right(config: ModelConfig, samples: list[Sample], bp_probs) -> np.ndarray:
+    """Whether the body-part head's top class is one of each image's parts (an image labelled with
+    two parts, or an end crop, is right as either): the one definition every body-part figure uses."""
+    predicted = np.asarray(bp_probs).argmax(1)
+    return np.array([config.body_part_classes[k] in s.body_parts for k, s in zip(predicted, samples)], dtype=bool)
+
+
 def body_part_report(config: ModelConfig, samples: list[Sample], bp_probs: np.ndarray) -> dict:
     classes = config.body_part_classes
     predicted = bp_probs.argmax(1)
@@ -68,11 +75,10 @@ def body_part_report(config: ModelConfig, samples: list[Sample], bp_probs: np.nd
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     for i, s in enumerate(samples):
         confusion[classes.index(s.body_parts[0]), predicted[i]] += 1
-    correct = [classes[predicted[i]] in samples[i].body_parts for i in ue]
     return {
         "classes": list(classes),
         "upper_extremity_images": len(ue),
-        "accuracy_upper_extremity": float(np.mean(correct)) if ue else None,
+        "accuracy_upper_extremity": float(named_right(config, samples, bp_probs)[ue].mean()) if ue else None,
         "other_images": len(other),
         "other_recall": float(np.mean([predicted[i] == len(classes) - 1 for i in other])) if other else None,
         "confusion_matrix": confusion.tolist(),
@@ -165,11 +171,10 @@ def plot_report(curves: dict, body: dict, out: Path) -> None:
 
 def body_part_by_group(config: ModelConfig, samples: list[Sample], bp_prob) -> dict[str, dict]:
     """Body-part accuracy per source and part (see :func:`data.group_of`), with each group's size."""
-    predicted = [config.body_part_classes[i] for i in np.asarray(bp_prob).argmax(1).tolist()]
-    right: dict[str, list[bool]] = {}
-    for p, s in zip(predicted, samples):
-        right.setdefault(group_of(s), []).append(p in s.body_parts)
-    return {g: {"images": len(v), "accuracy": float(np.mean(v))} for g, v in sorted(right.items())}
+    groups: dict[str, list[bool]] = {}
+    for right, s in zip(named_right(config, samples, bp_prob), samples):
+        groups.setdefault(group_of(s), []).append(right)
+    return {g: {"images": len(v), "accuracy": float(np.mean(v))} for g, v in sorted(groups.items())}
 
 
 def withheld_report(config: ModelConfig, samples: list[Sample], bp_probs: np.ndarray) -> dict:
@@ -177,7 +182,7 @@ def withheld_report(config: ModelConfig, samples: list[Sample], bp_probs: np.nda
     what else it called them, and how confident the misroutes were (top-class probability quantiles)."""
     classes = config.body_part_classes
     predicted = bp_probs.argmax(1)
-    right = np.array([classes[k] in s.body_parts for k, s in zip(predicted, samples)])
+    right = named_right(config, samples, bp_probs)
     wrong = bp_probs.max(1)[~right]
     return {
         "images": len(samples),
@@ -223,8 +228,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     for name, samples in shares.items():
         bp = score_images(loso.model, loso.config, load_images(samples, loso.config.input_size))[0].numpy()
         report[name] = withheld_report(loso.config, samples, bp)
-        right = np.array([loso.config.body_part_classes[k] in s.body_parts for k, s in zip(bp.argmax(1), samples)])
-        tops[name] = (bp.max(1), right)
+        tops[name] = (bp.max(1), named_right(loso.config, samples, bp))
     level = confidence_level(*tops["selection"])
     top, right = tops["test"]
     report["level"] = level
@@ -232,8 +236,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     report["test"]["share_misrouted_and_clearing"] = float(((top >= level) & ~right).mean())
     test = splits["test"]
     upper = [i for i, s in enumerate(test) if s.body_parts != (OTHER,) and s.source == "mura"]
-    predicted = test_bp[upper].argmax(1)
-    correct = np.array([config.body_part_classes[k] in test[i].body_parts for k, i in zip(predicted, upper)])
+    correct = named_right(config, [test[i] for i in upper], test_bp[upper])
     report["shipped_held_out_mura"] = {
         "images": len(upper),
         "correct_clearing_level": float((correct & (test_bp[upper].max(1) >= level)).mean()),

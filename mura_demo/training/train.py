@@ -440,9 +440,10 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     for size in (s for s in BODY_PART_SIZES if s < config.input_size):
         config.body_part_input_size = size
         bp_probs[size] = score_images(model, config, holdout_images)[0]
-    part_accuracy = {s: holdout_report(config, holdout, p, ab_prob)["body_part_accuracy"] for s, p in bp_probs.items()}
+    reports = {size: holdout_report(config, holdout, p, ab_prob) for size, p in bp_probs.items()}
+    part_accuracy = {size: r["body_part_accuracy"] for size, r in reports.items()}
     config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
-    bp_prob = bp_probs[config.body_part_input_size]
+    chosen = reports[config.body_part_input_size]
     holdout_metrics, threshold_rules = {}, {}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels:
@@ -463,12 +464,11 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
                 head.bias[i] = head.bias[rows].mean()
                 config.thresholds[part] = float(np.mean([config.thresholds[p] for p in trained]))
     config.trained = True
-    by_group = body_part_by_group(config, holdout, bp_prob)
     config.metrics = {
         "holdout": {
             "study_level": holdout_metrics,
-            "body_part_accuracy": float(np.mean([g["accuracy"] for g in by_group.values()])),
-            "body_part_by_group": by_group,
+            "body_part_accuracy": chosen["body_part_accuracy"],
+            "body_part_by_group": chosen["body_part_by_group"],
         }
     }
     config.training = {
