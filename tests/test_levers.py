@@ -106,3 +106,32 @@ def test_the_two_ends_of_one_image_are_scored_as_a_pair():
     assert loss(elbow, elbow, index=(3, 2)) < loss(elbow, elbow)  # out of order: each crop alone
     weights = draw_weights(samples, TrainSettings(group_balance=1.0, crop_share=0.5))
     assert weights[[3, 5]].tolist() == [0.0, 0.0]  # a pair is drawn through its first end
+
+
+def test_the_source_prior_stops_the_loss_teaching_a_source_look():
+    """With the source prior, a MURA forearm's loss no longer pushes down the logits of parts MURA never
+    shows (what teaches "MURA look -> forearm or humerus"), while it still tells forearm from humerus;
+    end crops keep their plain loss, and the prior follows the draws."""
+    config = ModelConfig()
+    samples = [sample(["forearm"])] * 60 + [sample(["humerus"])] * 20 + [sample(["wrist"], "unifesp", None)] * 3
+    samples += [sample(["other"], "unifesp", None)] * 9
+    samples += end_crops(samples[:1])
+    wrist, other, humerus = (config.body_part_classes.index(p) for p in ("wrist", "other", "humerus"))
+
+    def grad_of_forearm_loss(losses: Losses) -> torch.Tensor:
+        logits = torch.zeros(1, config.num_outputs, requires_grad=True)
+        losses(logits, torch.tensor([0])).backward()
+        return config.split_logits(logits.grad)[0][0]
+
+    plain, adjusted = (
+        grad_of_forearm_loss(Losses(config, samples)),
+        grad_of_forearm_loss(Losses(config, samples, source_prior=1.0)),
+    )
+    for part in (wrist, other):  # pushed down without the prior; next to nothing with it
+        assert plain[part] > 0.05 and 0 < adjusted[part] < plain[part] / 5
+    assert adjusted[humerus] > 0.1 > 5 * adjusted[wrist]  # forearm against humerus: still learnt from MURA
+    losses = Losses(config, samples, source_prior=1.0)
+    assert losses.adjust[-2:].abs().sum() == 0  # end crops: no prior
+    assert losses.adjust[0, wrist] < losses.adjust[80, wrist] < 0  # MURA shows no wrist; UNIFESP some
+    balanced = Losses(config, samples, draw_weights(samples, TrainSettings(group_balance=0.0)), 1.0)
+    assert balanced.adjust[80, other] < losses.adjust[80, other]  # drawn as often as the wrists: a smaller prior

@@ -139,15 +139,44 @@ def test_a_new_threshold_reads_as_a_fresh_analysis_at_it(forearm_predictor, stud
     probabilities = sorted({*views, analysis.study["abnormality_probability"]})
     for threshold in [None, 0.01, 0.99, *probabilities, *(p + 1e-4 for p in probabilities)]:
         fresh = forearm_predictor.analyze_study(study, "auto", (), threshold)  # maps do not enter the reading
-        assert forearm_predictor.at_threshold(analysis, threshold).to_dict() == fresh.to_dict()
-    assert forearm_predictor.at_threshold(analysis, 0.01).study["verdict"] == "abnormal"
-    assert forearm_predictor.at_threshold(analysis, 0.99).study["verdict"] == "normal"
+        assert forearm_predictor.revise(analysis, "auto", ("gradcam",), threshold).to_dict() == fresh.to_dict()
+    assert forearm_predictor.revise(analysis, "auto", (), 0.01).study["verdict"] == "abnormal"
+    assert forearm_predictor.revise(analysis, "auto", (), 0.99).study["verdict"] == "normal"
     assert analysis.to_dict() == before  # the analysis it started from is left as it was
     other = Predictor(load_model(str(doctored_weights(tmp_path / "other", "other"))))
     chest = other.analyze_study(study[:1], "auto", ())
-    assert other.at_threshold(chest, 0.3).to_dict() == other.analyze_study(study[:1], "auto", (), 0.3).to_dict()
+    assert other.revise(chest, "auto", (), 0.3).to_dict() == other.analyze_study(study[:1], "auto", (), 0.3).to_dict()
     with pytest.raises(RequestError, match="strictly between 0 and 1"):
-        forearm_predictor.at_threshold(analysis, 1.5)
+        forearm_predictor.revise(analysis, "auto", (), 1.5)
+
+
+def test_another_part_or_method_reads_as_a_fresh_analysis_without_the_network(forearm_predictor, study):
+    """The confirm click, another body part and another method revise the reading on screen: the same
+    reading and maps as a fresh analysis, from no forward pass of the answer's and no map drawn twice."""
+    confirming = predictor_with(forearm_predictor, body_part_confirmation=True, body_part_confirmation_reason="x")
+    passes = []
+    hook = confirming.model.register_forward_hook(lambda _m, args, _out: passes.append(len(args[0])))
+    try:
+        detected = confirming.analyze_study(study, "auto", ("gradcam", "saliency"))
+        assert detected.study["body_part_status"] == NEEDS_CONFIRMATION and detected.study["validated"] is False
+        passes.clear()
+        confirmed = confirming.revise(detected, "forearm", ("gradcam", "saliency"))
+        assert passes == []  # the confirm click: the network does not run at all
+        assert confirmed.study["validated"] is True and confirmed.body_part == "forearm"
+        for before, after in zip(detected.views, confirmed.views):
+            assert all(after.maps[m] is before.maps[m] for m in ("gradcam", "saliency"))
+        humerus = confirming.revise(confirmed, "humerus", ("gradcam", "gradcam++"))
+        assert sum(passes) == len(study)  # one shared pass a view for the new part's maps, no answer pass
+        plus = confirming.revise(humerus, "humerus", ("gradcam++", "gradcam", "saliency"))
+        assert sum(passes) == 2 * len(study)  # only saliency was missing
+        assert all(list(v.maps) == ["gradcam++", "gradcam", "saliency"] for v in plus.views)
+    finally:
+        hook.remove()
+    fresh = confirming.analyze_study(study, "humerus", ("gradcam++", "gradcam", "saliency"))
+    assert plus.to_dict() == fresh.to_dict()
+    for revised, new in zip(plus.views, fresh.views):
+        for method, cam in new.maps.items():
+            np.testing.assert_allclose(revised.maps[method], cam, atol=1e-5)
 
 
 def test_the_weights_rules_reach_the_reading(forearm_predictor, images, tmp_path):

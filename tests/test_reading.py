@@ -17,7 +17,6 @@ from mura_demo.serving.reading import (
     NOT_UPPER_EXTREMITY,
     UNCERTAIN,
     ViewScores,
-    at_threshold,
     read_study,
     read_view,
 )
@@ -131,9 +130,9 @@ def test_a_study_of_one_view_reads_as_the_view():
 
 
 def test_verdicts_follow_the_reported_figures_at_any_threshold():
-    p = read_view(CONFIG, scores(0.123449, forearm=0.95), AUTO, None, "r1").to_dict()
-    assert p["abnormality_probability"] == 0.1234
-    assert at_threshold(CONFIG, p, 0.1234)["verdict"] == "abnormal"  # equal as reported: abnormal
-    assert at_threshold(CONFIG, p, 0.12345)["verdict"] == "normal"  # 0.1235 as reported
-    other = read_view(CONFIG, scores(other=0.9), AUTO, None, "r1").to_dict()
-    assert at_threshold(CONFIG, other, 0.3) == other
+    view = scores(0.123449, forearm=0.95)
+    assert read_view(CONFIG, view, AUTO, None, "r1").abnormality_probability == 0.1234
+    assert read_view(CONFIG, view, AUTO, 0.1234, "r1").verdict == "abnormal"  # equal as reported: abnormal
+    assert read_view(CONFIG, view, AUTO, 0.12345, "r1").verdict == "normal"  # 0.1235 as reported
+    other = read_view(CONFIG, scores(other=0.9), AUTO, 0.3, "r1")
+    assert other.verdict == NOT_UPPER_EXTREMITY and other.threshold is None

@@ -1,5 +1,5 @@
 """What the page does, through its handlers alone (no browser, no layout): a reading, a bad file, a
-cleared upload, a new threshold, the confirm click and the report."""
+cleared upload, a new threshold, the confirm click, another body part and the report."""
 
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ def test_an_upload_is_read_and_analysed(handlers, images, monkeypatch, tmp_path)
     assert len(gallery) == 1 and gallery[0][1] == "1 · Grad-CAM"
     assert raw == analysis.study and confirm["visible"] and confirm["value"] == "Confirm body part: forearm"
     assert handlers.confirm(analysis) == "forearm"  # the click names the detected part as the user's choice
-    chosen = handlers.analyse(stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)
+    # the dropdown then reads the reading on screen again at the named part, maps kept
+    chosen = handlers.reread(analysis, stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)
     assert "Validated reading: yes" in chosen[0] and chosen[-1]["visible"] is False
+    assert chosen[-2].views[0].maps["gradcam"] is analysis.views[0].maps["gradcam"]
+    assert handlers.reread(None, stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)[0] == chosen[0]  # none on screen
 
 
 def test_a_bad_file_is_said_in_the_reading_and_nothing_else_shows(handlers, tmp_path):

@@ -25,7 +25,6 @@ from ..core.preprocess import Box, to_model_input
 from ..core.render import overlay
 from ..core.weights import LoadedModel, load_model
 from .reading import AUTO, Prediction, ViewScores, read_study, routed_part
-from .reading import at_threshold as reading_at_threshold
 
 MAX_VIEWS = 12  # views per study (files, or frames of multi-frame DICOM)
 
@@ -44,31 +43,26 @@ class Explanation:
 
 @dataclasses.dataclass
 class Analysis(Explanation):
-    """A view's reading with the maps behind it."""
+    """A view's reading, the maps behind it, and the network's input and answer it was read from: kept,
+    so that another body part, threshold or set of methods is read without running the network again."""
 
-    prediction: Prediction
+    prediction: Prediction | None  # None: not read yet
+    x: torch.Tensor
+    scores: ViewScores
 
 
 @dataclasses.dataclass
 class StudyAnalysis:
-    """Several views of one study: each view's analysis and the study's reading of them."""
+    """Several views of one study: each view's analysis, the study's reading of them and what was asked."""
 
     views: list[Analysis]
     study: dict  # see reading.read_study
+    body_part: str  # as asked: "auto" or a part
+    methods: tuple[str, ...]
 
     def to_dict(self) -> dict:
         """The API's JSON answer: a per-view list and the study result."""
         return {"views": [v.prediction.to_dict() for v in self.views], "study": self.study}
-
-
-@dataclasses.dataclass
-class View:
-    """One decoded view on its way through the model."""
-
-    image: Image.Image
-    x: torch.Tensor
-    box: Box
-    scores: ViewScores
 
 
 class Predictor:
@@ -117,13 +111,17 @@ class Predictor:
         :func:`.reading.read_study`; each view read at the study's part is explained for that part."""
         body_part, methods = self.check_request(body_part, threshold, methods)
         views = [self.view(image) for image in self._decode_study(sources)]
-        reading = read_study(self.config, [v.scores for v in views], body_part, threshold, self.loaded.revision)
-        analyses = []
-        for view, prediction in zip(views, reading.views):
-            part = prediction.body_part
-            maps = self._maps(view.x, lambda _, part=part: part, methods) if part and methods else {}
-            analyses.append(Analysis(view.image, view.box, maps, prediction))
-        return StudyAnalysis(analyses, reading.study)
+        return self._read(views, body_part, methods, threshold)
+
+    def revise(
+        self, analysis: StudyAnalysis, body_part: str = AUTO, methods=DEFAULT_METHODS, threshold: float | None = None
+    ) -> StudyAnalysis:
+        """The study read again with another body part, threshold or set of methods, from the network's
+        answers it already has: no forward pass for the reading, and maps only where a view lacks them
+        (confirming the detected part or moving the threshold computes none; ScoreCAM takes ~40 s a
+        view). Reads the same as the study analysed afresh with those options."""
+        body_part, methods = self.check_request(body_part, threshold, methods)
+        return self._read(analysis.views, body_part, methods, threshold)
 
     def explain(self, source: str | Path | bytes, body_part: str = AUTO, methods=DEFAULT_METHODS) -> Explanation:
         """The maps alone (what ``/explain`` serves), from only the passes they need: the shared pass, and
@@ -145,19 +143,6 @@ class Predictor:
                 return body_part
 
         return Explanation(image, box, self._maps(x, part_of, methods))
-
-    def at_threshold(self, analysis: StudyAnalysis, threshold: float | None) -> StudyAnalysis:
-        """The same reading at another decision threshold: only the verdicts change, so the model
-        does not run again (the same study analysed at ``threshold`` reads the same)."""
-        self.check_request(AUTO, threshold, ())
-        views = [
-            dataclasses.replace(
-                v,
-                prediction=Prediction(**reading_at_threshold(self.config, v.prediction.to_dict(), threshold)),
-            )
-            for v in analysis.views
-        ]
-        return StudyAnalysis(views, reading_at_threshold(self.config, analysis.study, threshold))
 
     # The steps -----------------------------------------------------------------------------------
 
@@ -193,12 +178,27 @@ class Predictor:
             raise ImageInputError(f"A study can have at most {MAX_VIEWS} views; this one has {len(images)}.")
         return images
 
-    def view(self, image: Image.Image) -> View:
-        """A decoded view through the model's forward passes (no gradients)."""
+    def view(self, image: Image.Image) -> Analysis:
+        """A decoded view through the model's forward passes (no gradients), not read yet."""
         x, box = to_model_input(image, self.config)
         with self.lock, torch.no_grad():
             scores = self._scores(answer_from(self.model, self.config, x)(self.model(x)))
-        return View(image, x, box, scores)
+        return Analysis(image, box, {}, None, x, scores)
+
+    def _read(self, views: list[Analysis], body_part: str, methods: tuple[str, ...], threshold) -> StudyAnalysis:
+        """The views read together by :func:`.reading.read_study`; each view read at the study's part is
+        explained for that part, keeping the maps it already has of that part."""
+        reading = read_study(self.config, [v.scores for v in views], body_part, threshold, self.loaded.revision)
+        analyses = []
+        for view, prediction in zip(views, reading.views):
+            part = prediction.body_part
+            kept = view.maps if view.prediction and view.prediction.body_part == part else {}
+            missing = [m for m in methods if m not in kept]
+            drawn = self._maps(view.x, lambda _, part=part: part, missing) if part and missing else {}
+            merged = kept | drawn
+            maps = {m: merged[m] for m in methods if m in merged}
+            analyses.append(dataclasses.replace(view, maps=maps, prediction=prediction))
+        return StudyAnalysis(analyses, reading.study, body_part, methods)
 
     def _scores(self, logits: torch.Tensor) -> ViewScores:
         """The model's answer (1, num_outputs) as probabilities by name."""

@@ -221,9 +221,3 @@ def read_study(
         "views_disagreeing_on_body_part": [i + 1 for i, s in enumerate(scores) if part and s.top != part],
     }
     return StudyReading(study, views)
-
-
-def at_threshold(config: ModelConfig, reading: dict, threshold: float | None) -> dict:
-    """A view's or a study's reading decided again at another threshold (only the verdict can change)."""
-    part = reading["body_part"]
-    return reading if part is None else reading | decide(config, part, reading["abnormality_probability"], threshold)

@@ -178,6 +178,18 @@ class Handlers:
             return None, *self.blank(f"### Cannot read this file\n{err}")
         return stored, *self.analyse(stored, body_part, methods, opacity, colormap, threshold)
 
+    def reread(self, analysis, stored, body_part, methods, opacity, colormap, threshold) -> tuple:
+        """Another body part or set of methods: the reading on screen is read again from the network's
+        answers it already has, drawing only the maps it lacks (the confirm click draws none)."""
+        if analysis is None:
+            return self.analyse(stored, body_part, methods, opacity, colormap, threshold)
+        try:
+            analysis = self.predictor.revise(analysis, body_part, tuple(methods or ()), threshold or None)
+        except UserError as err:
+            log_user_error("page", err)
+            return self.blank(f"### Cannot analyse this\n{err}")
+        return self.page_of(analysis, opacity, colormap)
+
     def redraw(self, analysis, opacity, colormap):
         """New opacity or colour map: the maps on screen are redrawn; the model does not run again."""
         return gr.skip() if analysis is None else self.gallery(analysis, opacity, colormap)
@@ -187,7 +199,7 @@ class Handlers:
         without running the model (ScoreCAM takes ~40 s a view)."""
         if analysis is None:
             return (gr.skip(),) * 4
-        analysis = self.predictor.at_threshold(analysis, threshold or None)
+        analysis = self.predictor.revise(analysis, analysis.body_part, analysis.methods, threshold or None)
         return summary_markdown(analysis.study), views_markdown(analysis), analysis.study, analysis
 
     def confirm(self, analysis):
@@ -296,7 +308,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
 
         then_at_slider(upload.change(handlers.upload, [upload, *settings], [stored, *page], api_visibility="private"))
         for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
-            then_at_slider(control.change(handlers.analyse, [stored, *settings], page, api_visibility="private"))
+            then_at_slider(control.change(handlers.reread, [shown, stored, *settings], page, api_visibility="private"))
         threshold.release(handlers.rethreshold, reading_at, verdicts, api_visibility="private")
         on_screen = [shown, opacity, colormap]
         colormap.input(handlers.redraw, on_screen, gallery, api_visibility="private")

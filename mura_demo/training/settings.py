@@ -32,6 +32,7 @@ class TrainSettings:
     style: float = 0.0  # strength of cross-source style randomisation (0: off, 1: every trait at its rate)
     group_balance: float | None = None  # draw each source-and-part group by size**this (None: plain shuffle)
     crop_share: float = 0.0  # share of draws from MURA end crops (elbow/wrist/shoulder candidates)
+    source_prior: float = 0.0  # body-part loss: add this times log P(part | source) to the logits (0: off)
     limit: int | None = None  # smoke runs: at most this many train and holdout images
     max_steps: int | None = None  # smoke runs: at most this many steps per epoch
     threads: int | None = None

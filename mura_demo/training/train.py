@@ -113,11 +113,25 @@ class Losses:
     together: one end shows one candidate and the other end the other, so their loss is minus the
     log of the probability that they are (X, Y) or (Y, X). Alone, "elbow" (a candidate of every crop)
     would be a right answer for every crop; together, calling both ends elbow is wrong.
+
+    With ``source_prior`` = t > 0, each whole image's body-part logits get t * log P(part | its source)
+    added in the loss (the prior as drawn, see :func:`source_log_priors`), never at inference. The prior
+    then carries "a MURA image is forearm or humerus", so the network is no longer pushed to turn the
+    look of a source into parts it never shows there; the features are left to tell parts apart within
+    each source, by anatomy.
     """
 
-    def __init__(self, config: ModelConfig, samples: list[Sample]):
+    def __init__(
+        self, config: ModelConfig, samples: list[Sample], draws: torch.Tensor | None = None, source_prior: float = 0.0
+    ):
         self.config = config
         targets = body_part_targets(samples, config.body_part_classes)
+        self.adjust = torch.zeros_like(targets)
+        if source_prior:
+            log_priors = source_log_priors(samples, targets, draws)
+            for i, s in enumerate(samples):
+                if s.end is None:  # end crops have candidates their source's whole images never show
+                    self.adjust[i] = source_prior * log_priors[s.source]
         self.candidates = targets > 0
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
         class_weight = (counts.sum() / counts).sqrt()
@@ -142,7 +156,8 @@ class Losses:
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         bp_logits, ab_logits = self.config.split_logits(logits)
-        bp_loss = self.body_part_loss(F.log_softmax(bp_logits, 1), index.to(logits.device))
+        adjust = self.adjust[index].to(logits.device)
+        bp_loss = self.body_part_loss(F.log_softmax(bp_logits + adjust, 1), index.to(logits.device))
         part = self.part[index].to(logits.device)
         has = part >= 0
         if not has.any():
@@ -170,6 +185,22 @@ class Losses:
             pair_ll = torch.logaddexp(pick(a, x) + pick(b, y), pick(a, y) + pick(b, x))
             row_ll = row_ll.index_put((first,), pair_ll / 2).index_put((first + 1,), pair_ll / 2)
         return -(weight * row_ll).mean()
+
+
+def source_log_priors(
+    samples: list[Sample], targets: torch.Tensor, draws: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """Per source, the log of its body-part distribution as training draws it (whole images, weighted by
+    their draw weights), with one pseudo-image per class so that a part a source lacks gets a finite,
+    strongly negative log prior."""
+    weights = torch.ones(len(samples), dtype=torch.float64) if draws is None else draws.double()
+    out = {}
+    for source in sorted({s.source for s in samples}):
+        rows = torch.tensor([s.source == source and s.end is None for s in samples])
+        mass = (weights[rows, None] * targets[rows].double()).sum(0)
+        n = int(rows.sum())
+        out[source] = ((mass / mass.sum() * n + 1) / (n + len(mass))).log().float()
+    return out
 
 
 def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
@@ -277,13 +308,14 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
     if settings.crop_share:
         train_set += end_crops(train_set)
     t0 = time.time()
+    draws = draw_weights(train_set, settings)
     data = TrainingData(
         train_set,
         holdout,
         load_images(train_set, config.input_size),
         load_images(holdout, config.input_size),
-        Losses(config, train_set),
-        draw_weights(train_set, settings),
+        Losses(config, train_set, draws, settings.source_prior),
+        draws,
         steps,
     )
     log(dist, f"loaded {len(train_set)} training and {len(holdout)} holdout images in {time.time() - t0:.0f}s")
