@@ -64,7 +64,8 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     MURA elbows withheld sets the confidence level and decides whether a detected part must be confirmed."""
     loso = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "loso"), export_dir=str(tmp_path / "loso-w"),
                          imagenet_init=imagenet_init, withhold="mura:elbow", limit=48, batch_size=8, max_steps=2,
-                         head_epochs=1, epochs=1, style=1.0, crop_share=0.2, group_balance=0.5)  # fmt: skip
+                         head_epochs=1, epochs=1, style=1.0, crop_share=0.2, group_balance=0.5,
+                         source_prior=1.0)  # fmt: skip
     train(loso)
     weights = shutil.copytree(BUNDLED, tmp_path / "weights")
     settings = EvalSettings(

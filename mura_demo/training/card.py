@@ -216,7 +216,9 @@ gamma, grey film base, harder contrast, resolution round trips, blur, tilted col
 markers, noise), draws balanced across source-and-part groups (size to the power {settings.get("group_balance")}),
 and MURA-style views of other parts cut from the two ends of MURA forearm and humerus images
 ({settings.get("crop_share", 0):.0%} of the draws; each end crop is right as either of the two parts its end can
-show, elbow or wrist, elbow or shoulder).
+show, elbow or wrist, elbow or shoulder), and in the body-part loss only, {settings.get("source_prior", 0)} times the
+log of each source's body-part distribution added to its images' logits (0: off), so that the prior, not the
+features, carries which parts a source shows.
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
