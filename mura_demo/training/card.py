@@ -121,8 +121,10 @@ def inference_story(config: ModelConfig) -> str:
 
 
 def body_part_table(by_group: dict) -> str:
-    rows = ["| source / part | held-out images | right |", "|---|---|---|"]
-    rows += [f"| {group} | {g['images']} | {g['accuracy']:.1%} |" for group, g in by_group.items()]
+    rows = ["| source / part | held-out images | right | called |", "|---|---|---|---|"]
+    for group, g in by_group.items():
+        called = ", ".join(f"{part} {n}" for part, n in g.get("called", {}).items())
+        rows.append(f"| {group} | {g['images']} | {g['accuracy']:.1%} | {called} |")
     return "\n".join(rows)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,20 @@ def plot_report(curves: dict, body: dict, out: Path) -> None:
 
 
 def body_part_by_group(config: ModelConfig, samples: list[Sample], bp_prob) -> dict[str, dict]:
-    """Body-part accuracy per source and part (see :func:`data.group_of`), with each group's size."""
-    groups: dict[str, list[bool]] = {}
-    for right, s in zip(named_right(config, samples, bp_prob), samples):
-        groups.setdefault(group_of(s), []).append(right)
-    return {g: {"images": len(v), "accuracy": float(np.mean(v))} for g, v in sorted(groups.items())}
+    """Body-part accuracy per source and part (see :func:`data.group_of`), with each group's size and what
+    its images were called (top class: count, most first), so a miss says where it went."""
+    top = np.asarray(bp_prob).argmax(1)
+    groups: dict[str, list[tuple[bool, str]]] = {}
+    for right, k, s in zip(named_right(config, samples, bp_prob), top, samples):
+        groups.setdefault(group_of(s), []).append((bool(right), config.body_part_classes[k]))
+    return {
+        g: {
+            "images": len(v),
+            "accuracy": float(np.mean([right for right, _ in v])),
+            "called": dict(Counter(called for _, called in v).most_common()),
+        }
+        for g, v in sorted(groups.items())
+    }
 
 
 def withheld_report(config: ModelConfig, samples: list[Sample], bp_probs: np.ndarray) -> dict:
