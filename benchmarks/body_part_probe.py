@@ -1,15 +1,19 @@
-"""A body-part lever probe scored: how a weights folder trained with one source's part withheld reads anatomy.
+"""A body-part lever probe scored: how a weights folder reads anatomy, by source and part.
 
-For the folder: the training holdout's study AUROC per part and body-part accuracy per source and part
-(the withheld part's own images left out), the share of the withheld images outside that part's test share
-it names right (the test share is never read here), and what it calls the two end crops of the holdout's
-MURA images (about half each candidate means it reads the anatomy; mostly one candidate means the crops
-taught a bias, not anatomy).
+For the folder: the training holdout's study AUROC per part and body-part accuracy per source and part (with what
+each group was called). For a folder trained with one source's part withheld (``--withhold``), also the share of
+the withheld images outside that part's test share it names right (the test share is never read here), and what
+it calls the two end crops of the holdout's MURA images (about half each candidate means it reads the anatomy;
+mostly one candidate means the crops taught a bias, not anatomy).
+
+``--inference-prior L ...`` scores the body part again with L times the log of the training draws' body-part
+prior (the mean of the two sources' priors) added to the body-part logits: a network trained with
+``--source-prior`` learnt to tell parts apart without any prior, and this shows what giving one back trades.
 
     python -m mura_demo train --imagenet-init pypi --withhold mura:elbow --input-size 192 --head-epochs 1 \\
-        --epochs 4 --freeze-blocks 3 --patience 10 --out-dir runs/p2 --export-dir runs/p2/weights --style 1 \\
-        --group-balance 0.5
-    python -m benchmarks.body_part_probe runs/p2/weights
+        --epochs 4 --freeze-blocks 3 --patience 10 --out-dir runs/p8 --export-dir runs/p8/weights --style 1 \\
+        --group-balance 0.5 --source-prior 1
+    python -m benchmarks.body_part_probe runs/p8/weights --inference-prior 0 0.5 1
 """
 
 from __future__ import annotations
@@ -17,34 +21,59 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from mura_demo.core.inference import score_images
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import is_withheld, load_images, load_splits, withhold
-from mura_demo.training.evaluate import end_crop_calls, withheld_report
-from mura_demo.training.train import holdout_report
+from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
+from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
+from mura_demo.training.settings import TrainSettings
+from mura_demo.training.train import draw_weights, holdout_report, source_log_priors
+
+
+def mixed_log_prior(config, settings: dict, train: list) -> torch.Tensor:
+    """Log of the mean of the sources' body-part priors as the run drew its training images."""
+    draws = draw_weights(train, TrainSettings(group_balance=settings["group_balance"]))
+    priors = source_log_priors(train, body_part_targets(train, config.body_part_classes), draws)
+    return torch.stack([p.exp() for p in priors.values()]).mean(0).log()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="weights folder trained with --withhold")
+    parser.add_argument("folder", help="weights folder")
     parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--inference-prior", type=float, nargs="*", default=[], metavar="L")
     args = parser.parse_args()
 
     model, config = load_folder(args.folder)
-    spec = config.training["settings"]["withhold"]
+    settings = config.training["settings"]
+    spec = settings["withhold"]
     splits = load_splits(args.data_root)
     holdout = withhold(splits["holdout"], spec)
     bp, ab = score_images(model, config, load_images(holdout, config.input_size))
     report = holdout_report(config, holdout, bp, ab)
-    withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
-    withheld_bp = score_images(model, config, load_images(withheld, config.input_size))[0].numpy()
     out = {
         "holdout_score": report["score"],
         "holdout_auroc": report["auroc"],
         "holdout_body_part_by_group": report["body_part_by_group"],
-        f"withheld_{spec}_outside_its_test_share": withheld_report(config, withheld, withheld_bp),
-        "holdout_end_crops_called": end_crop_calls(model, config, holdout),
     }
+    withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
+    withheld_bp = score_images(model, config, load_images(withheld, config.input_size))[0] if withheld else None
+    if withheld:
+        out[f"withheld_{spec}_outside_its_test_share"] = withheld_report(config, withheld, withheld_bp.numpy())
+        out["holdout_end_crops_called"] = end_crop_calls(model, config, holdout)
+    if args.inference_prior:
+        prior = mixed_log_prior(config, settings, withhold(splits["train"], spec))
+        out["inference_prior"] = {}
+        for strength in args.inference_prior:
+
+            def given(probs: torch.Tensor, strength=strength) -> torch.Tensor:
+                return (probs.clamp_min(1e-12).log() + strength * prior).softmax(1)
+
+            row = {g: v["accuracy"] for g, v in body_part_by_group(config, holdout, given(bp)).items()}
+            if withheld:
+                row["withheld"] = withheld_report(config, withheld, given(withheld_bp).numpy())["accuracy"]
+            out["inference_prior"][strength] = row
     print(json.dumps(out, indent=1))
 
 
