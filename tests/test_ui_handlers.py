@@ -33,10 +33,10 @@ def test_an_upload_is_read_and_analysed(handlers, images, monkeypatch, tmp_path)
     assert raw == analysis.study and confirm["visible"] and confirm["value"] == "Confirm body part: forearm"
     assert handlers.confirm(analysis) == "forearm"  # the click names the detected part as the user's choice
     # the dropdown then reads the reading on screen again at the named part, maps kept
-    chosen = handlers.reread(analysis, stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)
+    chosen = handlers.analyse(stored, "forearm", ["gradcam"], 0.5, "jet", 0.0, shown=analysis)
     assert "Validated reading: yes" in chosen[0] and chosen[-1]["visible"] is False
     assert chosen[-2].views[0].maps["gradcam"] is analysis.views[0].maps["gradcam"]
-    assert handlers.reread(None, stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)[0] == chosen[0]  # none on screen
+    assert handlers.analyse(stored, "forearm", ["gradcam"], 0.5, "jet", 0.0)[0] == chosen[0]  # afresh: the same
 
 
 def test_a_bad_file_is_said_in_the_reading_and_nothing_else_shows(handlers, tmp_path):

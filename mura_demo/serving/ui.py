@@ -155,12 +155,18 @@ class Handlers:
             for m, rgb in (view.overlays(opacity, colormap) if view.maps else {}).items()
         ]
 
-    def analyse(self, stored, body_part, methods, opacity, colormap, threshold) -> tuple:
-        """Read the stored uploads; a file that cannot be read is said so in the summary, one clear state."""
+    def analyse(self, stored, body_part, methods, opacity, colormap, threshold, shown=None) -> tuple:
+        """The reading of the stored uploads. With a reading on screen (``shown``: another body part or set of
+        methods chosen), it is read again from the network's answers it already has, drawing only the maps
+        it lacks (the confirm click draws none). A file that cannot be read is said so, one clear state."""
         if not stored:
             return self.blank()
+        methods, threshold = tuple(methods or ()), threshold or None
         try:
-            analysis = self.predictor.analyze_study(stored, body_part, tuple(methods or ()), threshold or None)
+            if shown is None:
+                analysis = self.predictor.analyze_study(stored, body_part, methods, threshold)
+            else:
+                analysis = self.predictor.revise(shown, body_part, methods, threshold)
         except UserError as err:
             log_user_error("page", err)
             return self.blank(f"### Cannot analyse this\n{err}")
@@ -177,18 +183,6 @@ class Handlers:
             log_user_error("page", err)
             return None, *self.blank(f"### Cannot read this file\n{err}")
         return stored, *self.analyse(stored, body_part, methods, opacity, colormap, threshold)
-
-    def reread(self, analysis, stored, body_part, methods, opacity, colormap, threshold) -> tuple:
-        """Another body part or set of methods: the reading on screen is read again from the network's
-        answers it already has, drawing only the maps it lacks (the confirm click draws none)."""
-        if analysis is None:
-            return self.analyse(stored, body_part, methods, opacity, colormap, threshold)
-        try:
-            analysis = self.predictor.revise(analysis, body_part, tuple(methods or ()), threshold or None)
-        except UserError as err:
-            log_user_error("page", err)
-            return self.blank(f"### Cannot analyse this\n{err}")
-        return self.page_of(analysis, opacity, colormap)
 
     def redraw(self, analysis, opacity, colormap):
         """New opacity or colour map: the maps on screen are redrawn; the model does not run again."""
@@ -308,7 +302,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
 
         then_at_slider(upload.change(handlers.upload, [upload, *settings], [stored, *page], api_visibility="private"))
         for control in (body_part, methods):  # change, not input: a dropdown also sends input when it loses focus
-            then_at_slider(control.change(handlers.reread, [shown, stored, *settings], page, api_visibility="private"))
+            then_at_slider(control.change(handlers.analyse, [stored, *settings, shown], page, api_visibility="private"))
         threshold.release(handlers.rethreshold, reading_at, verdicts, api_visibility="private")
         on_screen = [shown, opacity, colormap]
         colormap.input(handlers.redraw, on_screen, gallery, api_visibility="private")
