@@ -102,8 +102,9 @@ def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coa
             # images through the network: the shared pass, plus what routing "auto" reads the part from
             routing = 0 if part != "auto" else 2 if coarse_size else 1
             assert sum(seen) == 1 + routing
-            # the answer (image and mirror, both again at the coarse size), then the shared pass of the maps
-            assert full_passes == 2 + (2 if coarse_size else 0) + 1
+            # one view: the mirror (and both at the coarse size) without gradients, then the shared pass, whose
+            # forward is also the image's own pass of the answer
+            assert full_passes == 1 + (2 if coarse_size else 0) + 1
     finally:
         hook.remove()
 

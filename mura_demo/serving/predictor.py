@@ -110,7 +110,11 @@ class Predictor:
         """Several views of one study (multi-frame DICOM frames count as views), read together by
         :func:`.reading.read_study`; each view read at the study's part is explained for that part."""
         body_part, methods = self.check_request(body_part, threshold, methods)
-        views = [self.view(image) for image in self._decode_study(sources)]
+        images = self._decode_study(sources)
+        if len(images) == 1 and methods:
+            views = [self.explained_view(images[0], body_part, methods, threshold)]
+        else:  # a view's maps wait for the study's part, decided from every view's answer
+            views = [self.view(image) for image in images]
         return self._read(views, body_part, methods, threshold)
 
     def revise(
@@ -184,6 +188,22 @@ class Predictor:
         with self.lock, torch.no_grad():
             scores = self._scores(answer_from(self.model, self.config, x)(self.model(x)))
         return Analysis(image, box, {}, None, x, scores)
+
+    def explained_view(self, image: Image.Image, body_part: str, methods, threshold: float | None) -> Analysis:
+        """A study of one view: its answer and its maps from one shared pass (the answer's other passes
+        run first, without gradients; the part to explain is read from the completed answer)."""
+        x, box = to_model_input(image, self.config)
+        with self.lock:
+            answer = answer_from(self.model, self.config, x)
+        found = {}
+
+        def part_of(logits: torch.Tensor) -> str | None:
+            found["scores"] = scores = self._scores(answer(logits))
+            found["prediction"] = read_study(self.config, [scores], body_part, threshold, self.loaded.revision).views[0]
+            return found["prediction"].body_part
+
+        maps = self._maps(x, part_of, methods)
+        return Analysis(image, box, maps, found["prediction"], x, found["scores"])
 
     def _read(self, views: list[Analysis], body_part: str, methods: tuple[str, ...], threshold) -> StudyAnalysis:
         """The views read together by :func:`.reading.read_study`; each view read at the study's part is
