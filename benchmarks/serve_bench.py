@@ -246,6 +246,8 @@ def main() -> int:
         ("study of 2 views + maps + PDF report, median / p95",
          f"{ip['study_2_views_maps_pdf_report']['median_ms']:.0f} / "
          f"{ip['study_2_views_maps_pdf_report']['p95_ms']:.0f} ms"),
+        ("confirm click on that study: re-read / analysed again, median",
+         f"{ip['confirm_click_revised']['median_ms']:.1f} / {ip['confirm_click_analysed_again']['median_ms']:.0f} ms"),
         ("cold start to first answer", f"{sv['cold_start_s']:.1f} s"),
         (f"{sv['load']['users']} users x {args.requests} /explain: failed",
          f"{sv['load']['failed']} ({sv['load']['answered_other']} answered 'not an arm')"),
