@@ -46,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, config = load_folder(args.folder)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device
     settings = config.training["settings"]
     spec = settings["withhold"]
     splits = load_splits(args.data_root)

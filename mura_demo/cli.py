@@ -35,6 +35,9 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     types = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str, "float | None": float}
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            continue
         parser.add_argument(flag, type=types[field.type], default=field.default, help=f"default: {field.default}")
 
 

