@@ -24,6 +24,7 @@ import json
 import torch
 
 from mura_demo.core.inference import score_images
+from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
 from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--inference-prior", type=float, nargs="*", default=[], metavar="L")
     args = parser.parse_args()
+    tune_for_batch_work()
 
     model, config = load_folder(args.folder)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device

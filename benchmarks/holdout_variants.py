@@ -19,10 +19,11 @@ import json
 import torch
 
 from mura_demo.core.inference import score_images
+from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import load_images, load_splits
 from mura_demo.training.metrics import binary_metrics
-from mura_demo.training.train import holdout_report, part_study_scores
+from mura_demo.training.train import holdout_report, mean_state, part_study_scores
 
 
 def figures(config, holdout, bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    tune_for_batch_work()
 
     holdout = load_splits(args.data_root)["holdout"]
     images_at = functools.cache(lambda size: load_images(holdout, size))
@@ -67,13 +69,7 @@ def main() -> None:
             rows[f"{folder} at {'+'.join(map(str, args.scales))} px"] = figures(config, holdout, *scaled)
     if len(loaded) > 1:
         model, config = loaded[0]
-        states = [m.state_dict() for m, _ in loaded]
-        model.load_state_dict(
-            {
-                k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
-                for k, v in states[0].items()
-            }
-        )
+        model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
         rows["weight average"] = figures(config, holdout, *score_images(model, config, images_at(config.input_size)))
         rows["output mean"] = figures(config, holdout, *mean_outputs(outputs))
     for name, row in rows.items():

@@ -73,6 +73,16 @@ def run_train(args) -> None:
     train(settings_from(TrainSettings, args))
 
 
+def run_average(args) -> None:
+    from .core.malloc import tune_for_batch_work
+    from .training.train import average_runs
+
+    tune_for_batch_work()
+    settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
+                             version=args.version)  # fmt: skip
+    average_runs(args.folders, settings)
+
+
 def run_evaluate(args) -> None:
     from .core.malloc import tune_for_batch_work
     from .training.card import write_model_card
@@ -175,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", type=methods_list, default=methods_list(methods), help=f"default: {methods}")
 
     add_dataclass_options(command("train", run_train, "train and export a weights folder"), TrainSettings)
+    p = command("average", run_average, "one network from the uniform average of training runs' weights")
+    p.add_argument("folders", nargs="+", help="weights folders of runs of one architecture and input size")
+    p.add_argument("--version", required=True)
+    p.add_argument("--export-dir", required=True)
+    p.add_argument("--out-dir", default="runs/average")
+    p.add_argument("--data-root", default=TrainSettings.data_root)
     p = command(
         "evaluate", run_evaluate, "score weights on MURA valid, the elbow test share and the UNIFESP test share"
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import shlex
 import subprocess
 import sys
 
@@ -11,7 +13,10 @@ import pytest
 from conftest import BUNDLED, DATA, ROOT, doctored_weights, needs_data, needs_weights
 from PIL import Image
 
+from mura_demo.cli import build_parser, settings_from
+from mura_demo.training.card import training_command
 from mura_demo.training.data import ELBOW_TEST_BUCKETS, is_elbow_test_patient, load_splits
+from mura_demo.training.settings import TrainSettings
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -166,3 +171,13 @@ def test_batch_groups_studies_only_where_the_layout_says_so(images, tmp_path):
         "patient1/study1_positive": "2",
         ".": "2",
     }
+
+
+def test_the_card_s_training_command_parses_back_to_the_run_s_settings():
+    """The model card prints the run's `train` command from its stored settings; on/off levers are bare flags."""
+    settings = TrainSettings(imagenet_init="pkg/efficientnet-lite0.pth", source_mask=True, crop_share=0.2, seed=3)
+    command = training_command(dataclasses.asdict(settings))
+    assert "--source-mask" in command.split() and "--time-budget" not in command
+    args = build_parser().parse_args(shlex.split(command)[3:])
+    assert settings_from(TrainSettings, args) == dataclasses.replace(settings, imagenet_init="pypi")
+    assert build_parser().parse_args(["train", "--no-source-mask"]).source_mask is False

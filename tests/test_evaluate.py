@@ -8,19 +8,23 @@ about a minute: test scoring, the frozen-feature baseline, bootstrap intervals, 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import BUNDLED, MURA, UNIFESP, needs_data, needs_weights
+from conftest import BUNDLED, MURA, UNIFESP, doctored_weights, needs_data, needs_weights
+from safetensors.torch import load_file
 
 from mura_demo.training.card import write_model_card
 from mura_demo.training.data import load_splits
 from mura_demo.training.evaluate import evaluate
 from mura_demo.training.settings import EvalSettings, TrainSettings
-from mura_demo.training.train import train
+from mura_demo.training.train import average_runs, train
 
 pytestmark = [needs_data, needs_weights]
 
@@ -61,19 +65,26 @@ def mini_data(tmp_path_factory):
 
 def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_path):
     """The whole evaluation on the miniature, leave-one-source-out included: a short run trained with the
-    MURA elbows withheld sets the confidence level and decides whether a detected part must be confirmed."""
+    MURA elbows withheld (averaged with a second, masked one) sets the confidence level and decides whether a
+    detected part must be confirmed."""
     loso = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "loso"), export_dir=str(tmp_path / "loso-w"),
                          imagenet_init=imagenet_init, withhold="mura:elbow", limit=48, batch_size=8, max_steps=2,
                          head_epochs=1, epochs=1, style=1.0, crop_share=0.2, group_balance=0.5,
                          source_prior=1.0)  # fmt: skip
     train(loso)
+    masked = dataclasses.replace(loso, out_dir=str(tmp_path / "m"), export_dir=str(tmp_path / "m-w"), source_prior=0.0,
+                                 source_mask=True)  # fmt: skip
+    train(masked)
+    average = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "avg"), export_dir=str(tmp_path / "avg-w"),
+                            version="loso-avg")  # fmt: skip
+    average_runs([loso.export_dir, masked.export_dir], average)
     weights = shutil.copytree(BUNDLED, tmp_path / "weights")
     settings = EvalSettings(
         data_root=str(mini_data),
         weights=str(weights),
         out_dir=str(tmp_path / "eval"),
         imagenet_init=imagenet_init,
-        loso_weights=loso.export_dir,
+        loso_weights=average.export_dir,
         n_boot=50,
     )
     report = evaluate(settings)
@@ -121,4 +132,25 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert config["body_part_confirmation"] == gate["confirmation_required"]
     assert f"| mura/elbow | {groups['mura/elbow']['images']} | {groups['mura/elbow']['accuracy']:.1%} |" in card
     assert f"names **{gate['test']['accuracy']:.1%}** of the {len(elbows)} images" in card
-    assert "--withhold mura:elbow" in card
+    assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
+    assert f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg" in card
+
+
+def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
+    """`average` joins runs' weights into one network, element by element, keeps the first run's settings and
+    every run on record, and finalizes it on the holdout like a run."""
+    favoured = doctored_weights(tmp_path / "elbow", "elbow")
+    settings = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "w"),
+                             version="avg")  # fmt: skip
+    config = average_runs([str(BUNDLED), str(favoured)], settings)
+    joined, first, second = (load_file(Path(f) / "model.safetensors") for f in (settings.export_dir, BUNDLED, favoured))
+    assert set(joined) == set(first)
+    for k in first:
+        assert torch.allclose(joined[k].float(), (first[k].float() + second[k].float()) / 2, atol=1e-3, rtol=1e-3), k
+    shipped = json.loads((BUNDLED / "config.json").read_text())["training"]["settings"]
+    assert config.training["settings"]["style"] == shipped["style"] and config.version == "avg"
+    assert [run["folder"] for run in config.training["averaged"]] == [str(BUNDLED), str(favoured)]
+    assert config.trained and all(0 < config.thresholds[p] < 1 for p in ("elbow", "forearm", "humerus"))
+    smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224})
+    with pytest.raises(ValueError, match="one architecture, input size"):
+        average_runs([str(BUNDLED), str(smaller)], settings)

@@ -138,9 +138,9 @@ def test_the_source_prior_stops_the_loss_teaching_a_source_look():
 
 
 def test_the_source_mask_leaves_out_only_the_parts_a_source_never_shows():
-    """With the source mask, a MURA forearm's loss is silent on parts MURA never shows and still teaches
-    forearm against humerus (no prior tilts that balance); a UNIFESP image is taught against every part
-    UNIFESP shows but not humerus; an end crop makes its candidates parts its source shows."""
+    """With the source mask, a MURA forearm's loss is silent on arm parts MURA never shows and still teaches
+    forearm against humerus (no prior tilts that balance) and against other; a UNIFESP image is taught against
+    every part UNIFESP shows but not humerus; an end crop makes its candidates parts its source shows."""
     config = ModelConfig()
     samples = [sample(["forearm"])] * 60 + [sample(["humerus"])] * 20 + [sample(["wrist"], "unifesp", None)] * 3
     samples += [sample(["other"], "unifesp", None)] * 9
@@ -154,8 +154,8 @@ def test_the_source_mask_leaves_out_only_the_parts_a_source_never_shows():
     masked = Losses(config, samples, source_mask=True)
     forearm, wrist = grad_of_loss(masked, 0), grad_of_loss(masked, 80)
     assert torch.isfinite(forearm).all() and torch.isfinite(wrist).all()
-    assert forearm[index["wrist"]] == 0 and forearm[index["other"]] == 0 and forearm[index["elbow"]] == 0
-    assert forearm[index["humerus"]] == pytest.approx(-forearm[config.body_part_classes.index("forearm")])
+    assert forearm[index["wrist"]] == 0 and forearm[index["elbow"]] == 0
+    assert forearm[index["humerus"]] > 0.1 and forearm[index["other"]] > 0.1  # a MURA image is known not to be other
     assert wrist[index["other"]] > 0.1 and wrist[index["humerus"]] == 0
     with_crops = Losses(config, samples + end_crops(samples[:1]), source_mask=True)
     assert grad_of_loss(with_crops, 0)[index["wrist"]] > 0.05  # crops show MURA wrists: now taught against

@@ -62,14 +62,16 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
 
 
 def test_the_body_part_levers_train(tmp_path, imagenet_init):
-    """Style randomisation, group-balanced draws and end crops, with MURA elbows withheld: a short run
-    trains on none of the withheld images and records the levers it used."""
+    """Style randomisation, group-balanced draws, end crops and the source mask, with MURA elbows withheld: a
+    short run trains on none of the withheld images and records the levers it used; a spent time budget stops
+    it after its first epoch, and the best epoch so far is still exported."""
     settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, group_balance=0.5, crop_share=0.2,
-                              withhold="mura:elbow")  # fmt: skip
+                              withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0)  # fmt: skip
     train(settings)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
     used = config["training"]["settings"]
     assert (used["style"], used["group_balance"], used["crop_share"], used["withhold"]) == (1.0, 0.5, 0.2, "mura:elbow")
+    assert used["source_mask"] is True and config["training"]["epochs_run"] == 1
     assert not any(g.startswith("mura/elbow") for g in config["metrics"]["holdout"]["body_part_by_group"])
 
 

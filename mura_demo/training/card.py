@@ -91,6 +91,45 @@ def training_command(settings: dict) -> str:
     return "python -m mura_demo train " + shlex.join(args)
 
 
+def reproduce_story(training: dict, export_dir: str | None) -> str:
+    """The commands that made a weights folder: one `train`, or the runs and the `average` that joined them."""
+    runs = training.get("averaged")
+    if not runs:
+        return f"One training run:\n\n```\n{training_command(training.get('settings', {}))}\n```"
+    commands = [training_command(run["settings"]) for run in runs]
+    joined = [*(run["folder"] for run in runs), "--version", training["settings"].get("version", "")]
+    commands.append("python -m mura_demo average " + shlex.join([*joined, "--export-dir", str(export_dir)]))
+    names = "; ".join(f"{run['version']}, best epoch {run['best_epoch']}" for run in runs)
+    packed = any(run["settings"].get("data_root") != TrainSettings.data_root for run in runs)
+    note = " A data root other than the default is the training images packed by `benchmarks.pack_data`." * packed
+    code = "\n".join(commands)
+    intro = f"The uniform average of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"
+    return f"{intro}\n\n```\n{code}\n```"
+
+
+BOOKKEEPING = {"data_root", "out_dir", "export_dir", "version", "threads", "time_budget"}
+
+
+def averaged_story(training: dict) -> str:
+    """For averaged weights: that the levers below are the first run's, and how the others differ."""
+    runs = training.get("averaged")
+    if not runs:
+        return ""
+    first = runs[0]["settings"]
+    differences = [
+        ", ".join(f"{k} {v}" for k, v in run["settings"].items() if k not in BOOKKEEPING and first.get(k) != v)
+        for run in runs[1:]
+    ]
+    return (
+        f"These weights are the uniform average of {len(runs)} runs' weights (see Reproduce). What follows is the "
+        f"first run ({runs[0]['version']}); "
+        + "; ".join(
+            f"{run['version']} differs in: {d or 'nothing but bookkeeping'}" for run, d in zip(runs[1:], differences)
+        )
+        + ".\n"
+    )
+
+
 def threshold_story(config: ModelConfig) -> str:
     """Which threshold rule each part used, with the held-out kappas that chose it."""
     rules = config.training.get("threshold_rules", {})
@@ -164,7 +203,7 @@ with confirmation, none gets a validated reading until a person has looked at th
 part, at the price of one click per reading. On this evidence the weights
 {"ask for the click" if gate["confirmation_required"] else "trust the level"}.
 
-The withheld run: `{training_command(gate["settings"])}`"""
+How the withheld run was made. {reproduce_story(gate.get("training", gate), gate["weights"])}"""
 
 
 def write_model_card(folder: str | Path, report: dict) -> Path:
@@ -176,7 +215,8 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     body = report["body_part"]
     validated = [p for p in config.body_parts if config.validated[p]]
     settings = config.training.get("settings", {})
-    minutes = config.training.get("seconds", 0) / 60
+    runs = config.training.get("averaged") or [config.training]
+    minutes = sum(run.get("seconds", 0) for run in runs) / 60
     front = [
         "---",
         "license: other",
@@ -210,7 +250,7 @@ with two heads: a body-part head ({", ".join(config.body_part_classes)}) and one
 The abnormality reading uses the logit of the detected (or user-chosen) part, at that part's threshold.
 {inference_story(config)}.
 
-Training: a phase on the heads over frozen features, then the network past its first
+{averaged_story(config.training)}Training: a phase on the heads over frozen features, then the network past its first
 {settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
 flip, zoom/shift and contrast augmentation, class-balanced losses (pos_weight per part). An exponential moving average
 of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
@@ -223,7 +263,8 @@ and MURA-style views of other parts cut from the two ends of MURA forearm and hu
 ({settings.get("crop_share", 0):.0%} of the draws; each end crop is right as either of the two parts its end can
 show, elbow or wrist, elbow or shoulder), and in the body-part loss only, {settings.get("source_prior", 0)} times the
 log of each source's body-part distribution added to its images' logits (0: off), so that the prior, not the
-features, carries which parts a source shows.
+features, carries which parts a source shows; source mask {"on" if settings.get("source_mask") else "off"} (each
+image's body-part softmax only over the arm parts its source shows in training, and other).
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
@@ -271,12 +312,9 @@ holdout's patients in half, each rule set its threshold on one half and was scor
 threshold on the whole holdout. {threshold_story(config)}
 
 ## Reproduce
-Training ({minutes:.0f} minutes of epochs on a shared 2-core CPU; best epoch: {config.training.get("best_epoch")}).
-The run wrote its weights to `{settings.get("export_dir")}`; the shipped folder is that export plus this card:
-
-```
-{training_command(settings)}
-```
+Training ({minutes:.0f} minutes of epochs; best epoch: {config.training.get("best_epoch")}). The run wrote its weights
+to `{settings.get("export_dir")}`; the shipped folder is that export plus this card.
+{reproduce_story(config.training, settings.get("export_dir"))}
 
 Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix; with `--card`, this card and
 the decisions above in `config.json`):

@@ -33,11 +33,11 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..core.config import ModelConfig
+from ..core.config import OTHER, ModelConfig
 from ..core.inference import score_images
 from ..core.model import MuraNet, create_model
 from ..core.preprocess import normalize
-from ..core.weights import save_weights
+from ..core.weights import load_folder, save_weights
 from .augment import augment, randomize_style
 from .data import (
     Sample,
@@ -121,8 +121,9 @@ class Losses:
     each source, by anatomy.
 
     With ``source_mask``, each image's body-part softmax runs only over the parts its source shows anywhere in
-    training (its whole images and end crops): that a source never shows a part says how it was collected, not
-    that its images are not that part. Unlike the prior, it leaves the balance between the parts a source does
+    training (its whole images and end crops), and *other*: that a source never shows a part says how it was
+    collected, not that its images are not that part, but whether an image is an upper extremity at all is known
+    for every source (MURA holds nothing else). Unlike the prior, it leaves the balance between the parts a source does
     show to the features, so a MURA forearm is still taught against a MURA elbow, and a UNIFESP chest against a
     UNIFESP hand.
     """
@@ -148,6 +149,7 @@ class Losses:
             for source in set(sources):
                 rows = torch.tensor([x == source for x in sources])
                 shown = targets[rows].sum(0) > 0
+                shown[config.body_part_classes.index(OTHER)] = True  # every source's images are known to be arm or not
                 self.adjust[rows] = self.adjust[rows].masked_fill(~shown, -torch.inf)
         self.candidates = targets > 0
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
@@ -432,7 +434,8 @@ def train(settings: TrainSettings) -> MuraNet:
             if phase == "finetune" and meta["stale"] >= settings.patience:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
                 break
-            if settings.time_budget is not None and time.time() - t_start > 60 * settings.time_budget:
+            spent = time.time() - t_start
+            if settings.time_budget is not None and meta["history"] and spent > 60 * settings.time_budget:
                 log(dist, f"time budget of {settings.time_budget} min spent: stopping before {phase} {epoch + 1}")
                 break
             order = epoch_order(data, settings, dist, seed=settings.seed * 1000 + epoch + 100 * phase_no)
@@ -475,6 +478,48 @@ def train(settings: TrainSettings) -> MuraNet:
         plot_curves(meta["history"], out / "curves.png")
     dist.close()
     return model
+
+
+def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts of one architecture (integer buffers are taken from the first)."""
+    return {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}  # fmt: skip
+
+
+def average_runs(folders: list[str], settings: TrainSettings) -> ModelConfig:
+    """One network from the uniform average of the weights of runs fine-tuned from the same ImageNet start: a
+    weight-space ensemble that keeps some of what each run learnt for the cost of one network. It is finalized
+    on the holdout like a training run (flip, body-part input size and thresholds chosen again), with the runs'
+    own settings on record; ``settings`` gives the data root, output folders and version, the first run the rest.
+    The runs must agree on architecture, input size and withheld part.
+    """
+    loaded = [load_folder(folder) for folder in folders]
+    first = loaded[0][1]
+    withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
+    if len(withheld) > 1 or any((c.architecture, c.input_size) != (first.architecture, first.input_size)
+                                for _, c in loaded):  # fmt: skip
+        raise ValueError("only runs of one architecture, input size and withheld part can be averaged")
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
+    settings = dataclasses.replace(base, data_root=settings.data_root, out_dir=settings.out_dir,
+                                   export_dir=settings.export_dir, version=settings.version)  # fmt: skip
+    config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
+    model = create_model(config)
+    model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model_tensors(model), out / "best.safetensors")
+    splits = load_splits(settings.data_root)
+    holdout = withhold(splits["holdout"], settings.withhold)
+    runs = [
+        {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"),
+         "seconds": c.training.get("seconds", 0.0), "settings": c.training.get("settings", {})}
+        for f, (_, c) in zip(folders, loaded)
+    ]  # fmt: skip
+    meta = {"best_epoch": f"the average of {len(runs)} runs", "history": [], "averaged": runs}
+    losses = Losses(config, withhold(splits["train"], settings.withhold))
+    images = load_images(holdout, config.input_size)
+    return finalize(settings, model, out / "best.safetensors", holdout, images, losses, meta)
 
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
@@ -534,6 +579,8 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
     }
+    if "averaged" in meta:
+        config.training["averaged"] = meta["averaged"]
     if settings.export_dir:
         save_weights(model, config, settings.export_dir)
         print(f"exported to {settings.export_dir}")
