@@ -133,7 +133,8 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert f"| mura/elbow | {groups['mura/elbow']['images']} | {groups['mura/elbow']['accuracy']:.1%} |" in card
     assert f"names **{gate['test']['accuracy']:.1%}** of the {len(elbows)} images" in card
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
-    assert f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg" in card
+    joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
+    assert f"{joined} {average.export_dir}\n" in card
 
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):

@@ -91,17 +91,18 @@ def training_command(settings: dict) -> str:
     return "python -m mura_demo train " + shlex.join(args)
 
 
-def reproduce_story(training: dict, export_dir: str | None) -> str:
+def reproduce_story(training: dict) -> str:
     """The commands that made a weights folder: one `train`, or the runs and the `average` that joined them."""
     runs = training.get("averaged")
     if not runs:
         return f"One training run:\n\n```\n{training_command(training.get('settings', {}))}\n```"
     commands = [training_command(run["settings"]) for run in runs]
-    joined = [*(run["folder"] for run in runs), "--version", training["settings"].get("version", "")]
-    commands.append("python -m mura_demo average " + shlex.join([*joined, "--export-dir", str(export_dir)]))
+    own = training["settings"]
+    joined = [*(run["folder"] for run in runs), "--version", own.get("version", ""), "--export-dir"]
+    commands.append("python -m mura_demo average " + shlex.join([*joined, str(own.get("export_dir"))]))
     names = "; ".join(f"{run['version']}, best epoch {run['best_epoch']}" for run in runs)
     packed = any(run["settings"].get("data_root") != TrainSettings.data_root for run in runs)
-    note = " A data root other than the default is the training images packed by `benchmarks.pack_data`." * packed
+    note = " `--data-root` names where a run read its images (`benchmarks.pack_data` packs them for a GPU)." * packed
     code = "\n".join(commands)
     intro = f"The uniform average of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"
     return f"{intro}\n\n```\n{code}\n```"
@@ -203,7 +204,7 @@ with confirmation, none gets a validated reading until a person has looked at th
 part, at the price of one click per reading. On this evidence the weights
 {"ask for the click" if gate["confirmation_required"] else "trust the level"}.
 
-How the withheld run was made. {reproduce_story(gate.get("training", gate), gate["weights"])}"""
+How the withheld run was made. {reproduce_story(gate.get("training", gate))}"""
 
 
 def write_model_card(folder: str | Path, report: dict) -> Path:
@@ -314,7 +315,7 @@ threshold on the whole holdout. {threshold_story(config)}
 ## Reproduce
 Training ({minutes:.0f} minutes of epochs; best epoch: {config.training.get("best_epoch")}). The run wrote its weights
 to `{settings.get("export_dir")}`; the shipped folder is that export plus this card.
-{reproduce_story(config.training, settings.get("export_dir"))}
+{reproduce_story(config.training)}
 
 Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix; with `--card`, this card and
 the decisions above in `config.json`):
