@@ -20,7 +20,7 @@ import yaml
 from conftest import BUNDLED, MURA, UNIFESP, doctored_weights, needs_data, needs_weights
 from safetensors.torch import load_file
 
-from mura_demo.training.card import write_model_card
+from mura_demo.training.card import averaged_story, write_model_card
 from mura_demo.training.data import load_splits
 from mura_demo.training.evaluate import evaluate
 from mura_demo.training.settings import EvalSettings, TrainSettings
@@ -152,6 +152,8 @@ def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     assert config.training["settings"]["style"] == shipped["style"] and config.version == "avg"
     assert [run["folder"] for run in config.training["averaged"]] == [str(BUNDLED), str(favoured)]
     assert config.trained and all(0 < config.thresholds[p] < 1 for p in ("elbow", "forearm", "humerus"))
+    story = averaged_story(config.training)  # the card's words for it
+    assert "uniform average of 2 runs' weights" in story and "differs in: nothing but bookkeeping" in story
     smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224})
     with pytest.raises(ValueError, match="one architecture, input size"):
         average_runs([str(BUNDLED), str(smaller)], settings)
