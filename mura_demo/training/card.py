@@ -204,7 +204,7 @@ with confirmation, none gets a validated reading until a person has looked at th
 part, at the price of one click per reading. On this evidence the weights
 {"ask for the click" if gate["confirmation_required"] else "trust the level"}.
 
-How the withheld run was made. {reproduce_story(gate.get("training", gate))}"""
+How the withheld run was made. {reproduce_story(gate["training"])}"""
 
 
 def write_model_card(folder: str | Path, report: dict) -> Path:
@@ -240,7 +240,8 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
         f"- {part}: {'validated' if config.validated[part] else 'not validated'}, {why[part]}."
         for part in config.body_parts
     )
-    loso_folder = report.get("body_part_gate", {}).get("settings", {}).get("export_dir", "runs/loso/weights")
+    loso_training = report.get("body_part_gate", {}).get("training", {})
+    loso_folder = loso_training.get("settings", {}).get("export_dir", "runs/loso/weights")
     text = f"""
 # mura-demo: body-part-aware abnormality classifier ({config.architecture}, version {config.version})
 

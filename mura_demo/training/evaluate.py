@@ -233,8 +233,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
         "selection": [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)],
         "test": [s for s in splits["test"] if is_withheld(s, spec)],
     }
-    report: dict = {"withheld": spec, "weights": loso.source, "settings": loso.config.training.get("settings", {}),
-                    "training": loso.config.training}  # fmt: skip
+    report: dict = {"withheld": spec, "weights": loso.source, "training": loso.config.training}
     tops = {}
     for name, samples in shares.items():
         bp = score_images(loso.model, loso.config, load_images(samples, loso.config.input_size))[0].numpy()
