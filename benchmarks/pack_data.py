@@ -34,8 +34,8 @@ def main() -> None:
     source, out = Path(args.data_root), Path(args.out)
     splits = load_splits(source)
     keep = splits["train"] + splits["holdout"]
+    (out / "MURA-v1.1").mkdir(parents=True, exist_ok=True)
     for name in ("train_image_paths.csv", "train_labeled_studies.csv"):
-        (out / "MURA-v1.1").mkdir(parents=True, exist_ok=True)
         shutil.copy(source / "MURA-v1.1" / name, out / "MURA-v1.1" / name)
     for name in ("valid_image_paths.csv", "valid_labeled_studies.csv"):
         (out / "MURA-v1.1" / name).write_text("")
