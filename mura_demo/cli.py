@@ -80,7 +80,7 @@ def run_average(args) -> None:
     tune_for_batch_work()
     settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
                              version=args.version)  # fmt: skip
-    average_runs(args.folders, settings)
+    average_runs(args.folders, settings, args.shares)
 
 
 def run_evaluate(args) -> None:
@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", type=methods_list, default=methods_list(methods), help=f"default: {methods}")
 
     add_dataclass_options(command("train", run_train, "train and export a weights folder"), TrainSettings)
-    p = command("average", run_average, "one network from the uniform average of training runs' weights")
+    p = command("average", run_average, "one network from the average of training runs' weights")
     p.add_argument("folders", nargs="+", help="weights folders of runs of one architecture and input size")
+    p.add_argument("--shares", type=float, nargs="+", help="each run's weight in the average (default: equal)")
     p.add_argument("--version", required=True)
     p.add_argument("--export-dir", required=True)
     p.add_argument("--out-dir", default="runs/average")

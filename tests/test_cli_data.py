@@ -10,13 +10,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import BUNDLED, DATA, ROOT, doctored_weights, needs_data, needs_weights
 from PIL import Image
 
 from mura_demo.cli import build_parser, settings_from
-from mura_demo.training.card import training_command
+from mura_demo.training.card import reproduce_story, training_command
 from mura_demo.training.data import ELBOW_TEST_BUCKETS, is_elbow_test_patient, load_splits
 from mura_demo.training.settings import TrainSettings
+from mura_demo.training.train import mean_state
 
 
 def cli(*args) -> subprocess.CompletedProcess:
@@ -181,3 +183,27 @@ def test_the_card_s_training_command_parses_back_to_the_run_s_settings():
     args = build_parser().parse_args(shlex.split(command)[3:])
     assert settings_from(TrainSettings, args) == dataclasses.replace(settings, imagenet_init="pypi")
     assert build_parser().parse_args(["train", "--no-source-mask"]).source_mask is False
+
+
+def test_a_weighted_average_is_one_on_record_and_its_command_parses_back():
+    """`average --shares` weighs runs unequally; the card names the shares and prints an `average` command that
+    parses back to them, and to the data root it was finalized on."""
+    first, second = {"w": torch.zeros(2), "n": torch.tensor(3)}, {"w": torch.ones(2), "n": torch.tensor(5)}
+    assert torch.allclose(mean_state([first, second], [3.0, 1.0])["w"], torch.full((2,), 0.25))
+    assert torch.allclose(mean_state([first, second])["w"], torch.full((2,), 0.5))
+    assert mean_state([first, second], [3.0, 1.0])["n"] == 3  # integer buffers: the first run's
+    with pytest.raises(ValueError, match="one non-negative share per run"):
+        mean_state([first, second], [1.0])
+    settings = dataclasses.asdict(TrainSettings(imagenet_init="pypi", source_mask=True))
+    runs = [{"folder": f, "version": f, "best_epoch": 3, "share": w, "settings": settings}
+            for f, w in (("weights", 0.75), ("runs/m/weights", 0.25))]  # fmt: skip
+    story = reproduce_story({"settings": settings | {"version": "2.1.0"}, "averaged": runs})
+    assert "average, weighted 75% / 25%, of the weights of 2 runs" in story
+    average = next(line for line in story.splitlines() if line.startswith("python -m mura_demo average"))
+    args = build_parser().parse_args(shlex.split(average)[3:])
+    assert args.folders == ["weights", "runs/m/weights"] and args.shares == [0.75, 0.25]
+    uniform = reproduce_story({"settings": settings, "averaged": [run | {"share": 0.5} for run in runs]})
+    assert "uniform average" in uniform and "--shares" not in uniform and "--data-root" not in uniform
+    packed = reproduce_story({"settings": settings | {"data_root": ".gpu/data"}, "averaged": runs})
+    average = next(line for line in packed.splitlines() if line.startswith("python -m mura_demo average"))
+    assert build_parser().parse_args(shlex.split(average)[3:]).data_root == ".gpu/data"  # finalized on packed images

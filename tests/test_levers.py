@@ -159,3 +159,7 @@ def test_the_source_mask_leaves_out_only_the_parts_a_source_never_shows():
     assert wrist[index["other"]] > 0.1 and wrist[index["humerus"]] == 0
     with_crops = Losses(config, samples + end_crops(samples[:1]), source_mask=True)
     assert grad_of_loss(with_crops, 0)[index["wrist"]] > 0.05  # crops show MURA wrists: now taught against
+    plain = grad_of_loss(Losses(config, samples), 0)
+    margin = grad_of_loss(Losses(config, samples, source_mask=True, mask_margin=2.0), 0)
+    assert 0 < margin[index["wrist"]] < plain[index["wrist"]] / 3  # a margin: pushed down, but gently
+    assert margin[index["humerus"]] > 0.1

@@ -99,13 +99,29 @@ def reproduce_story(training: dict) -> str:
     commands = [training_command(run["settings"]) for run in runs]
     own = training["settings"]
     joined = [*(run["folder"] for run in runs), "--version", own.get("version", ""), "--export-dir"]
-    commands.append("python -m mura_demo average " + shlex.join([*joined, str(own.get("export_dir"))]))
+    joined += [str(own.get("export_dir"))]
+    if own.get("data_root", TrainSettings.data_root) != TrainSettings.data_root:  # finalized on packed images
+        joined += ["--data-root", own["data_root"]]
+    if weighted(runs):
+        joined += ["--shares", *(f"{run['share']:g}" for run in runs)]
+    commands.append("python -m mura_demo average " + shlex.join(joined))
     names = "; ".join(f"{run['version']}, best epoch {run['best_epoch']}" for run in runs)
-    packed = any(run["settings"].get("data_root") != TrainSettings.data_root for run in runs)
+    packed = any(run["settings"].get("data_root") != TrainSettings.data_root for run in [*runs, training])
     note = " `--data-root` names where a run read its images (`benchmarks.pack_data` packs them for a GPU)." * packed
     code = "\n".join(commands)
-    intro = f"The uniform average of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"
+    intro = f"The {average_kind(runs)} of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"
     return f"{intro}\n\n```\n{code}\n```"
+
+
+def weighted(runs: list[dict]) -> bool:
+    """Whether the runs were averaged with unequal shares (records before shares count as equal)."""
+    return len({round(run.get("share", 1 / len(runs)), 6) for run in runs}) > 1
+
+
+def average_kind(runs: list[dict]) -> str:
+    if not weighted(runs):
+        return "uniform average"
+    return "average, weighted " + " / ".join(f"{run['share']:.0%}" for run in runs) + ","
 
 
 BOOKKEEPING = {"data_root", "out_dir", "export_dir", "version", "threads", "time_budget"}
@@ -122,7 +138,7 @@ def averaged_story(training: dict) -> str:
         for run in runs[1:]
     ]
     return (
-        f"These weights are the uniform average of {len(runs)} runs' weights (see Reproduce). What follows is the "
+        f"These weights are the {average_kind(runs)} of {len(runs)} runs' weights (see Reproduce). What follows is the "
         f"first run ({runs[0]['version']}); "
         + "; ".join(
             f"{run['version']} differs in: {d or 'nothing but bookkeeping'}" for run, d in zip(runs[1:], differences)

@@ -34,6 +34,7 @@ class TrainSettings:
     crop_share: float = 0.0  # share of draws from MURA end crops (elbow/wrist/shoulder candidates)
     source_prior: float = 0.0  # body-part loss: add this times log P(part | source) to the logits (0: off)
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
+    mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
     time_budget: float | None = None  # minutes: start no epoch after this (one always runs), export the best so far
     limit: int | None = None  # smoke runs: at most this many train and holdout images
     max_steps: int | None = None  # smoke runs: at most this many steps per epoch

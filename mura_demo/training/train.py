@@ -126,6 +126,10 @@ class Losses:
     for every source (MURA holds nothing else). Unlike the prior, it leaves the balance between the parts a source does
     show to the features, so a MURA forearm is still taught against a MURA elbow, and a UNIFESP chest against a
     UNIFESP hand.
+
+    With ``mask_margin`` = m, those parts stay in the softmax with their logits lowered by m: weak negative evidence
+    (each such part's gradient scaled by about e^-m), so a part a source never shows is still pushed down a little on
+    that source's images instead of being left free.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class Losses:
         draws: torch.Tensor | None = None,
         source_prior: float = 0.0,
         source_mask: bool = False,
+        mask_margin: float | None = None,
     ):
         self.config = config
         targets = body_part_targets(samples, config.body_part_classes)
@@ -150,7 +155,8 @@ class Losses:
                 rows = torch.tensor([x == source for x in sources])
                 shown = targets[rows].sum(0) > 0
                 shown[config.body_part_classes.index(OTHER)] = True  # every source's images are known to be arm or not
-                self.adjust[rows] = self.adjust[rows].masked_fill(~shown, -torch.inf)
+                lowered = -torch.inf if mask_margin is None else -mask_margin
+                self.adjust[rows] = self.adjust[rows].masked_fill(~shown, lowered)
         self.candidates = targets > 0
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
         class_weight = (counts.sum() / counts).sqrt()
@@ -333,7 +339,7 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
         holdout,
         load_images(train_set, config.input_size),
         load_images(holdout, config.input_size),
-        Losses(config, train_set, draws, settings.source_prior, settings.source_mask),
+        Losses(config, train_set, draws, settings.source_prior, settings.source_mask, settings.mask_margin),
         draws,
         steps,
     )
@@ -480,19 +486,25 @@ def train(settings: TrainSettings) -> MuraNet:
     return model
 
 
-def mean_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of state dicts of one architecture (integer buffers are taken from the first)."""
-    return {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
-            for k, v in states[0].items()}  # fmt: skip
+def mean_state(states: list[dict[str, torch.Tensor]], shares: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts of one architecture, weighted by ``shares`` (uniform when None; they
+    are normalized to sum to one); integer buffers are taken from the first."""
+    w = torch.tensor(shares or [1.0] * len(states), dtype=torch.float32)
+    if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("one non-negative share per run, not all zero")
+    w = w / w.sum()
+    return {k: torch.einsum("n...,n->...", torch.stack([s[k].float() for s in states]), w) if v.is_floating_point()
+            else v for k, v in states[0].items()}  # fmt: skip
 
 
-def average_runs(folders: list[str], settings: TrainSettings) -> ModelConfig:
-    """One network from the uniform average of the weights of runs fine-tuned from the same ImageNet start: a
-    weight-space ensemble that keeps some of what each run learnt for the cost of one network. It is finalized
-    on the holdout like a training run (flip, body-part input size and thresholds chosen again), with the runs'
-    own settings on record; ``settings`` gives the data root, output folders and version, the first run the rest.
-    The runs must agree on architecture, input size and withheld part.
+def average_runs(folders: list[str], settings: TrainSettings, shares: list[float] | None = None) -> ModelConfig:
+    """One network from the average of the weights of runs fine-tuned from the same ImageNet start (uniform, or
+    weighted by ``shares``): a weight-space ensemble that keeps some of what each run learnt for the cost of one
+    network. It is finalized on the holdout like a training run (flip, body-part input size and thresholds chosen
+    again), with the runs' own settings and shares on record; ``settings`` gives the data root, output folders and
+    version, the first run the rest. The runs must agree on architecture, input size and withheld part.
     """
+    shares = shares or [1.0] * len(folders)
     loaded = [load_folder(folder) for folder in folders]
     first = loaded[0][1]
     withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
@@ -505,16 +517,17 @@ def average_runs(folders: list[str], settings: TrainSettings) -> ModelConfig:
                                    export_dir=settings.export_dir, version=settings.version)  # fmt: skip
     config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
     model = create_model(config)
-    model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
+    model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model_tensors(model), out / "best.safetensors")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device
     splits = load_splits(settings.data_root)
     holdout = withhold(splits["holdout"], settings.withhold)
     runs = [
-        {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"),
+        {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"), "share": w / sum(shares),
          "seconds": c.training.get("seconds", 0.0), "settings": c.training.get("settings", {})}
-        for f, (_, c) in zip(folders, loaded)
+        for f, (_, c), w in zip(folders, loaded, shares)
     ]  # fmt: skip
     meta = {"best_epoch": f"the average of {len(runs)} runs", "history": [], "averaged": runs}
     losses = Losses(config, withhold(splits["train"], settings.withhold))
