@@ -134,7 +134,7 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert f"names **{gate['test']['accuracy']:.1%}** of the {len(elbows)} images" in card
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
-    assert f"{joined} {average.export_dir}\n" in card
+    assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
 
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
