@@ -207,3 +207,6 @@ def test_a_weighted_average_is_one_on_record_and_its_command_parses_back():
     packed = reproduce_story({"settings": settings | {"data_root": ".gpu/data"}, "averaged": runs})
     average = next(line for line in packed.splitlines() if line.startswith("python -m mura_demo average"))
     assert build_parser().parse_args(shlex.split(average)[3:]).data_root == ".gpu/data"  # finalized on packed images
+    older = {k: v for k, v in settings.items() if k != "data_root"}  # records from before data_root was kept
+    story = reproduce_story({"settings": older, "averaged": [run | {"settings": older} for run in runs]})
+    assert "--data-root" not in story and "packs them" not in story

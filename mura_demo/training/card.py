@@ -106,13 +106,13 @@ def reproduce_story(training: dict) -> str:
     own = training["settings"]
     joined = [*(run["folder"] for run in runs), "--version", own.get("version", ""), "--export-dir"]
     joined += [str(own.get("export_dir"))]
-    if own.get("data_root", TrainSettings.data_root) != TrainSettings.data_root:  # finalized on packed images
+    if setting(own, "data_root") != TrainSettings.data_root:  # finalized on packed images
         joined += ["--data-root", own["data_root"]]
     if weighted(runs):
         joined += ["--shares", *(f"{run['share']:g}" for run in runs)]
     commands.append("python -m mura_demo average " + shlex.join(joined))
     names = "; ".join(f"{run['version']}, best epoch {run['best_epoch']}" for run in runs)
-    packed = any(run["settings"].get("data_root") != TrainSettings.data_root for run in [*runs, training])
+    packed = any(setting(run["settings"], "data_root") != TrainSettings.data_root for run in [*runs, training])
     note = " `--data-root` names where a run read its images (`benchmarks.pack_data` packs them for a GPU)." * packed
     code = "\n".join(commands)
     intro = f"The {average_kind(runs)} of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"

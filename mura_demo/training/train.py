@@ -486,13 +486,18 @@ def train(settings: TrainSettings) -> MuraNet:
     return model
 
 
-def mean_state(states: list[dict[str, torch.Tensor]], shares: list[float] | None = None) -> dict[str, torch.Tensor]:
-    """The element-wise mean of state dicts of one architecture, weighted by ``shares`` (uniform when None; they
-    are normalized to sum to one); integer buffers are taken from the first."""
-    w = torch.tensor(shares or [1.0] * len(states), dtype=torch.float32)
-    if len(w) != len(states) or (w < 0).any() or w.sum() <= 0:
+def normalized_shares(shares: list[float] | None, n: int) -> list[float]:
+    """Each of ``n`` runs' weight in an average, summing to one: equal when ``shares`` is None."""
+    w = [1.0] * n if shares is None else [float(x) for x in shares]
+    if len(w) != n or min(w) < 0 or sum(w) <= 0:
         raise ValueError("one non-negative share per run, not all zero")
-    w = w / w.sum()
+    return [x / sum(w) for x in w]
+
+
+def mean_state(states: list[dict[str, torch.Tensor]], shares: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts of one architecture, weighted by ``shares`` (see
+    ``normalized_shares``); integer buffers are taken from the first."""
+    w = torch.tensor(normalized_shares(shares, len(states)), dtype=torch.float32)
     return {k: torch.einsum("n...,n->...", torch.stack([s[k].float() for s in states]), w) if v.is_floating_point()
             else v for k, v in states[0].items()}  # fmt: skip
 
@@ -504,7 +509,7 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     again), with the runs' own settings and shares on record; ``settings`` gives the data root, output folders and
     version, the first run the rest. The runs must agree on architecture, input size and withheld part.
     """
-    shares = shares or [1.0] * len(folders)
+    shares = normalized_shares(shares, len(folders))
     loaded = [load_folder(folder) for folder in folders]
     first = loaded[0][1]
     withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
@@ -525,7 +530,7 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     splits = load_splits(settings.data_root)
     holdout = withhold(splits["holdout"], settings.withhold)
     runs = [
-        {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"), "share": w / sum(shares),
+        {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"), "share": w,
          "seconds": c.training.get("seconds", 0.0), "settings": c.training.get("settings", {})}
         for f, (_, c), w in zip(folders, loaded, shares)
     ]  # fmt: skip
