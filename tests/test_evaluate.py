@@ -135,6 +135,11 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
     assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
+    assert "lowered by" not in card  # no mask margin in these weights' run; with one, the card names it
+    config["training"]["settings"]["mask_margin"] = 3.0
+    (weights / "config.json").write_text(json.dumps(config))
+    write_model_card(weights, report | {"n_boot": settings.n_boot})
+    assert "the others stay in, lowered by 3.0" in (weights / "README.md").read_text()
 
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):

@@ -244,6 +244,8 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     settings = config.training.get("settings", {})
     runs = config.training.get("averaged") or [config.training]
     minutes = sum(run.get("seconds", 0) for run in runs) / 60
+    margin = settings.get("mask_margin")
+    margin = "" if margin is None else f"; the others stay in, lowered by {margin}"
     front = [
         "---",
         "license: other",
@@ -292,7 +294,7 @@ and MURA-style views of other parts cut from the two ends of MURA forearm and hu
 show, elbow or wrist, elbow or shoulder), and in the body-part loss only, {settings.get("source_prior", 0)} times the
 log of each source's body-part distribution added to its images' logits (0: off), so that the prior, not the
 features, carries which parts a source shows; source mask {"on" if settings.get("source_mask") else "off"} (each
-image's body-part softmax only over the arm parts its source shows in training, and other).
+image's body-part softmax only over the arm parts its source shows in training, and other{margin}).
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
