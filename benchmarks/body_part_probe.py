@@ -14,6 +14,10 @@ prior (the mean of the two sources' priors) added to the body-part logits: a net
         --epochs 4 --freeze-blocks 3 --patience 10 --out-dir runs/p8 --export-dir runs/p8/weights --style 1 \\
         --group-balance 0.5 --source-prior 1
     python -m benchmarks.body_part_probe runs/p8/weights --inference-prior 0 0.5 1
+
+``--equalized-view`` scores the body part again from the histogram-equalised image alone, and from the mean of
+its and the plain image's probabilities: equalising hides some of a source's look (its grey levels) without
+touching the anatomy, so it asks whether an inference-time view, with no training, helps the withheld part.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
+from mura_demo.training.augment import equalize
 from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
 from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
 from mura_demo.training.settings import TrainSettings
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("folder", help="weights folder")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--inference-prior", type=float, nargs="*", default=[], metavar="L")
+    parser.add_argument("--equalized-view", action="store_true")
     args = parser.parse_args()
     tune_for_batch_work()
 
@@ -53,7 +59,8 @@ def main() -> None:
     spec = settings["withhold"]
     splits = load_splits(args.data_root)
     holdout = withhold(splits["holdout"], spec)
-    bp, ab = score_images(model, config, load_images(holdout, config.input_size))
+    holdout_images = load_images(holdout, config.input_size)
+    bp, ab = score_images(model, config, holdout_images)
     report = holdout_report(config, holdout, bp, ab)
     out = {
         "holdout_score": report["score"],
@@ -61,7 +68,8 @@ def main() -> None:
         "holdout_body_part_by_group": report["body_part_by_group"],
     }
     withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
-    withheld_bp = score_images(model, config, load_images(withheld, config.input_size))[0] if withheld else None
+    withheld_images = load_images(withheld, config.input_size) if withheld else None
+    withheld_bp = score_images(model, config, withheld_images)[0] if withheld else None
     if withheld:
         out[f"withheld_{spec}_outside_its_test_share"] = withheld_report(config, withheld, withheld_bp.numpy())
         out["holdout_end_crops_called"] = end_crop_calls(model, config, holdout)
@@ -77,6 +85,19 @@ def main() -> None:
             if withheld:
                 row["withheld"] = withheld_report(config, withheld, given(withheld_bp).numpy())["accuracy"]
             out["inference_prior"][strength] = row
+    if args.equalized_view:
+        out["equalized_view"] = {}
+        for name, samples, images, plain in (("holdout", holdout, holdout_images, bp),
+                                             ("withheld", withheld, withheld_images, withheld_bp)):  # fmt: skip
+            if not samples:
+                continue
+            eq = score_images(model, config, (equalize(images.float() / 255) * 255).round().to(torch.uint8))[0]
+            for view, probs in (("equalized", eq), ("mean", (eq + plain) / 2)):
+                row = out["equalized_view"].setdefault(view, {})
+                if name == "holdout":
+                    row |= {g: v["accuracy"] for g, v in body_part_by_group(config, holdout, probs).items()}
+                else:
+                    row["withheld"] = withheld_report(config, withheld, probs.numpy())["accuracy"]
     print(json.dumps(out, indent=1))
 
 
