@@ -135,11 +135,14 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
     assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
-    assert "lowered by" not in card  # no mask margin in these weights' run; with one, the card names it
-    config["training"]["settings"]["mask_margin"] = 3.0
+    # the bundled weights' run used no end crops and neither loss lever, so the card names none; with them on, all
+    assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
+    config["training"]["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2}
     (weights / "config.json").write_text(json.dumps(config))
     write_model_card(weights, report | {"n_boot": settings.n_boot})
-    assert "the others stay in, lowered by 3.0" in (weights / "README.md").read_text()
+    card = (weights / "README.md").read_text()
+    assert "a source mask (each image's body-part softmax" in card and "the others stay in, lowered by 3.0" in card
+    assert "0.5 times the log of each source's body-part distribution" in card and "(20% of the draws;" in card
 
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):

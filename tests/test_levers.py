@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from mura_demo.core.config import ModelConfig
-from mura_demo.training.augment import augment, equalize, match_histograms, randomize_style
+from mura_demo.core.preprocess import equalize
+from mura_demo.training.augment import augment, match_histograms, randomize_style
 from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
 from mura_demo.training.settings import TrainSettings
 from mura_demo.training.train import Losses, draw_weights

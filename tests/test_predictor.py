@@ -15,7 +15,7 @@ from PIL import Image
 from mura_demo.core.checks import ImageInputError, RequestError
 from mura_demo.core.imaging import load_image
 from mura_demo.core.inference import model_logits
-from mura_demo.core.preprocess import to_model_input
+from mura_demo.core.preprocess import equalized_view, to_model_input
 from mura_demo.core.weights import load_model
 from mura_demo.serving.predictor import MAX_VIEWS, Predictor
 from mura_demo.serving.reading import NEEDS_CONFIRMATION, UNCERTAIN
@@ -81,6 +81,25 @@ def test_body_part_is_read_from_the_coarser_view(predictor, images):
     analysis = coarse.analyze(images["a"])
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
     assert analysis.prediction.abnormality_probability == predicted.abnormality_probability
+
+
+def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(predictor, images):
+    """With the equalised view, the body-part logits are the mean of the image's and its equalised view's; the
+    abnormality logits are untouched; the view is the same whatever monotonic change of grey levels came before."""
+    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None)
+    viewing = predictor_with(plain, body_part_equalized_view=True)
+    x, _ = to_model_input(load_image(images["a"]), predictor.config)
+    split = predictor.config.split_logits
+    view = equalized_view(x, predictor.config)
+    assert torch.equal(view, equalized_view(x**3 * 0.5 + 0.2, predictor.config))
+    with torch.no_grad():
+        expected = (split(predictor.model(x))[0] + split(predictor.model(view))[0]) / 2
+    answer, before = answer_logits(viewing, x), answer_logits(plain, x)
+    assert torch.allclose(split(answer)[0], expected, atol=1e-5)
+    assert torch.allclose(split(answer)[1], split(before)[1], atol=1e-5)
+    assert not torch.allclose(split(answer)[0], split(before)[0], atol=1e-3)
+    predicted, analysis = viewing.predict(images["a"]), viewing.analyze(images["a"])
+    assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
 
 
 @pytest.mark.parametrize("coarse_size", [None, 224])

@@ -51,6 +51,7 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     assert set(by_size) == {224, 192, 160}
     best = max(by_size.values())
     assert config["body_part_input_size"] == max(size for size, acc in by_size.items() if acc == best)
+    assert config["body_part_equalized_view"] == (training["holdout_body_part_accuracy_with_equalized_view"] > best)
     predictor = Predictor(load_model(str(tmp_path / "weights")))
     analysis = predictor.analyze(radiographs["forearm"], "auto")
     assert analysis.prediction.weights_revision == "smoke"

@@ -29,6 +29,7 @@ class ModelConfig:
     drop_rate: float = 0.2
     test_time_flip: bool = False  # average the logits of the image and its mirror image
     body_part_input_size: int | None = None  # read the body part from the image resized to this size
+    body_part_equalized_view: bool = False  # body-part logits: the mean of the image's and its equalised view's
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
     validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
     # A detected body part counts towards a validated reading only at or above this probability (chosen

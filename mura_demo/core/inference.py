@@ -4,7 +4,9 @@ The model's answer for an image is more than one forward pass when its config as
 with ``config.test_time_flip`` the logits are the mean of the image's and its mirror image's
 (a left and a right arm are the same question to the model), and with a
 ``config.body_part_input_size`` below the input size the body-part logits come from the image
-resized to that size (the holdout showed the part is told better from a coarser view).
+resized to that size (the holdout showed the part is told better from a coarser view). With
+``config.body_part_equalized_view`` the body-part logits are the mean of that view's and of the same view
+histogram-equalised: equalising hides a source's grey levels, not the anatomy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .preprocess import normalize
+from .preprocess import equalized_view, normalize
 
 
 def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +31,7 @@ def answer_from(
     model: torch.nn.Module, config: ModelConfig, x: torch.Tensor, body_part: bool = True, abnormality: bool = True
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Run the passes that complete the answer for ``x`` beyond its own forward pass (the mirror
-    image, the coarser body-part view) and return the map from ``x``'s own logits to the answer.
+    image, the coarser body-part view, its equalised copy) and return the map from ``x``'s own logits to the answer.
 
     The explanation maps need ``x``'s own pass with gradients; every other pass runs here without.
     ``body_part`` and ``abnormality`` say which columns of the answer must be complete: a caller that
@@ -40,16 +42,24 @@ def answer_from(
     with torch.no_grad():
         mirror = config.test_time_flip and (abnormality or (body_part and not coarse_view))
         mirrored = model(x.flip(-1)) if mirror else None
-        coarse = None
-        if coarse_view:
-            small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            coarse = config.split_logits(flip_mean(model, config, small))[0]
+        view = (
+            F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if coarse_view
+            else x
+        )
+        coarse = config.split_logits(flip_mean(model, config, view))[0] if coarse_view else None
+        equalized = None
+        if body_part and config.body_part_equalized_view:
+            equalized = config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
 
     def answer(logits: torch.Tensor) -> torch.Tensor:
         if mirrored is not None:
             logits = (logits + mirrored) / 2
         if coarse is not None:
             logits = torch.cat([coarse, config.split_logits(logits)[1]], 1)
+        if equalized is not None:
+            body, abnormal = config.split_logits(logits)
+            logits = torch.cat([(body + equalized) / 2, abnormal], 1)
         return logits
 
     return answer

@@ -48,6 +48,18 @@ def normalize(batch: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return (x.expand(-1, 3, -1, -1) - mean) / std
 
 
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation: each pixel becomes its rank among the image's pixels, in [0, 1]. Any
+    monotonic change of grey levels (gamma, contrast, a film's base) gives the same image."""
+    flat = x.flatten(1)
+    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
+
+
+def equalized_view(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A normalised batch -> the same images histogram-equalised, normalised again (grey: one channel says all)."""
+    return normalize(equalize(x[:, :1]), config)
+
+
 def to_model_input(image: Image.Image, config: ModelConfig) -> tuple[torch.Tensor, Box]:
     """A greyscale PIL image -> the (1, 3, S, S) model input and its content box."""
     square, box = letterbox(image, config.input_size)

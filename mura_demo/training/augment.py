@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core.preprocess import equalize
+
 
 def uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator) * (hi - lo) + lo
@@ -55,12 +57,6 @@ def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     flat, ref = x.flatten(1), reference.flatten(1).sort(1).values
     ranks = flat.argsort(1).argsort(1)
     return ref.gather(1, ranks).view_as(x)
-
-
-def equalize(x: torch.Tensor) -> torch.Tensor:
-    """Histogram equalisation: each pixel becomes its rank among the image's pixels, in [0, 1]."""
-    flat = x.flatten(1)
-    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -186,6 +186,14 @@ def inference_story(config: ModelConfig) -> str:
         )
     if by_size:
         story += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
+    with_view = config.training.get("holdout_body_part_accuracy_with_equalized_view")
+    if config.body_part_equalized_view:
+        story += (
+            ". The body-part logits are the mean of that view's and of the same view histogram-equalised (which "
+            "hides a source's grey levels, not the anatomy)"
+        )
+    if with_view is not None:
+        story += f"; holdout body-part accuracy with the equalised view {with_view:.3f}"
     return story
 
 
@@ -246,6 +254,25 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     minutes = sum(run.get("seconds", 0) for run in runs) / 60
     margin = settings.get("mask_margin")
     margin = "" if margin is None else f"; the others stay in, lowered by {margin}"
+    end_crop_lever = ""
+    if settings.get("crop_share"):
+        end_crop_lever = (
+            f", MURA-style views of other parts cut from the two ends of MURA forearm and humerus images "
+            f"({settings['crop_share']:.0%} of the draws; each end crop is right as either of the two parts its end "
+            "can show, elbow or wrist, elbow or shoulder)"
+        )
+    loss_levers = ""
+    if settings.get("source_prior"):
+        loss_levers += (
+            f"; in the body-part loss only, {settings['source_prior']} times the log of each source's body-part "
+            "distribution added to its images' logits, so that the prior, not the features, carries which parts a "
+            "source shows"
+        )
+    if settings.get("source_mask"):
+        loss_levers += (
+            "; a source mask (each image's body-part softmax only over the arm parts its source shows in training, "
+            f"and other{margin})"
+        )
     front = [
         "---",
         "license: other",
@@ -288,13 +315,8 @@ two on the holdout's study-level AUROC is a candidate, and the best candidate is
 So that the body part is read from the anatomy rather than from the look of the image's source: cross-source
 style randomisation (strength {settings.get("style", 0)}: histogram matching between images, equalisation,
 gamma, grey film base, harder contrast, resolution round trips, blur, tilted collimation frames, burned-in side
-markers, noise), draws balanced across source-and-part groups (size to the power {settings.get("group_balance")}),
-and MURA-style views of other parts cut from the two ends of MURA forearm and humerus images
-({settings.get("crop_share", 0):.0%} of the draws; each end crop is right as either of the two parts its end can
-show, elbow or wrist, elbow or shoulder), and in the body-part loss only, {settings.get("source_prior", 0)} times the
-log of each source's body-part distribution added to its images' logits (0: off), so that the prior, not the
-features, carries which parts a source shows; source mask {"on" if settings.get("source_mask") else "off"} (each
-image's body-part softmax only over the arm parts its source shows in training, and other{margin}).
+markers, noise), draws balanced across source-and-part groups (size to the power
+{settings.get("group_balance")}){end_crop_lever}{loss_levers}.
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,

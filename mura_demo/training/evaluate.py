@@ -8,6 +8,7 @@ logistic-regression baseline fitted on the training split, so every gain is visi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -224,8 +225,11 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     from patients outside the part's test share it sets the confidence level; on the test share it
     gives the headline figure and how often misrouted views clear the level. Below LOSO_TRUST a
     confident detection cannot be trusted either, so the shipped weights then ask the user to confirm.
-    The shipped model's held-out images say how many correct detections clear the level."""
+    The shipped model's held-out images say how many correct detections clear the level. The withheld run reads
+    the body part the way the shipped weights do (with or without the equalised view), or it would stand in for
+    another reading."""
     loso = load_model(settings.loso_weights)
+    reading = dataclasses.replace(loso.config, body_part_equalized_view=config.body_part_equalized_view)
     spec = loso.config.training.get("settings", {}).get("withhold")
     if not spec:
         raise ValueError(f"{settings.loso_weights} was not trained with a source withheld (train --withhold)")
@@ -236,7 +240,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     report: dict = {"withheld": spec, "weights": loso.source, "training": loso.config.training}
     tops = {}
     for name, samples in shares.items():
-        bp = score_images(loso.model, loso.config, load_images(samples, loso.config.input_size))[0].numpy()
+        bp = score_images(loso.model, reading, load_images(samples, loso.config.input_size))[0].numpy()
         report[name] = withheld_report(loso.config, samples, bp)
         tops[name] = (bp.max(1), named_right(loso.config, samples, bp))
     level = confidence_level(*tops["selection"])

@@ -541,8 +541,8 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
 
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
-    """Load the best epoch; on the holdout, decide on test-time flips and the body part's input
-    size, and choose per-part thresholds; export the weights folder."""
+    """Load the best epoch; on the holdout, decide on test-time flips, the body part's input size and
+    whether its equalised view joins in, and choose per-part thresholds; export the weights folder."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
     scores = {}
@@ -560,6 +560,11 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     part_accuracy = {size: r["body_part_accuracy"] for size, r in reports.items()}
     config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
     chosen = reports[config.body_part_input_size]
+    config.body_part_equalized_view = True
+    equalized = holdout_report(config, holdout, score_images(model, config, holdout_images)[0], ab_prob)
+    config.body_part_equalized_view = equalized["body_part_accuracy"] > chosen["body_part_accuracy"]
+    if config.body_part_equalized_view:
+        chosen = equalized
     holdout_metrics, threshold_rules = {}, {}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels:
@@ -593,6 +598,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "holdout_score_without_flip": scores[False][0],
         "holdout_score_with_flip": scores[True][0],
         "holdout_body_part_accuracy_by_size": part_accuracy,
+        "holdout_body_part_accuracy_with_equalized_view": equalized["body_part_accuracy"],
         "threshold_rules": threshold_rules,
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
