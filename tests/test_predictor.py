@@ -48,8 +48,8 @@ def answer_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_flip_averages_logits_of_image_and_mirror(predictor, images):
-    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None)
-    flipping = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
+    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None, body_part_equalized_view=False)
+    flipping = predictor_with(plain, test_time_flip=True)
     x, _ = to_model_input(load_image(images["a"]), predictor.config)
     with torch.no_grad():
         expected = (predictor.model(x) + predictor.model(x.flip(-1))) / 2
@@ -65,8 +65,8 @@ def test_flip_averages_logits_of_image_and_mirror(predictor, images):
 
 def test_body_part_is_read_from_the_coarser_view(predictor, images):
     size = 160
-    coarse = predictor_with(predictor, test_time_flip=True, body_part_input_size=size)
-    full = predictor_with(predictor, test_time_flip=True, body_part_input_size=None)
+    coarse = predictor_with(predictor, test_time_flip=True, body_part_input_size=size, body_part_equalized_view=False)
+    full = predictor_with(coarse, body_part_input_size=None)
     x, _ = to_model_input(load_image(images["a"]), predictor.config)
     small = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     split = predictor.config.split_logits
@@ -86,7 +86,7 @@ def test_body_part_is_read_from_the_coarser_view(predictor, images):
 def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(predictor, images):
     """With the equalised view, the body-part logits are the mean of the image's and its equalised view's; the
     abnormality logits are untouched; the view is the same whatever monotonic change of grey levels came before."""
-    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None)
+    plain = predictor_with(predictor, test_time_flip=False, body_part_input_size=None, body_part_equalized_view=False)
     viewing = predictor_with(plain, body_part_equalized_view=True)
     x, _ = to_model_input(load_image(images["a"]), predictor.config)
     split = predictor.config.split_logits
@@ -102,11 +102,12 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
 
 
-@pytest.mark.parametrize("coarse_size", [None, 224])
-def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coarse_size):
+@pytest.mark.parametrize(("coarse_size", "equalized"), [(None, False), (224, False), (None, True), (224, True)])
+def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coarse_size, equalized):
     """`/explain` serves maps alone: they must equal the full analysis's, from fewer images through the
     network (no mirror for the abnormality probability; no body-part view when the part is given)."""
-    flipping = predictor_with(forearm_predictor, test_time_flip=True, body_part_input_size=coarse_size)
+    flipping = predictor_with(forearm_predictor, test_time_flip=True, body_part_input_size=coarse_size,
+                              body_part_equalized_view=equalized)  # fmt: skip
     seen = []
     hook = flipping.model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
     try:
@@ -118,12 +119,14 @@ def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coa
             assert alone.maps.keys() == full.maps.keys() == {"gradcam", "saliency"} and alone.box == full.box
             for method, cam in full.maps.items():
                 np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
-            # images through the network: the shared pass, plus what routing "auto" reads the part from
-            routing = 0 if part != "auto" else 2 if coarse_size else 1
+            # images through the network: the shared pass, plus what routing "auto" reads the part from (the
+            # equalised view and its mirror image when the weights ask for them)
+            views = 2 if equalized else 0
+            routing = 0 if part != "auto" else (2 if coarse_size else 1) + views
             assert sum(seen) == 1 + routing
-            # one view: the mirror (and both at the coarse size) without gradients, then the shared pass, whose
-            # forward is also the image's own pass of the answer
-            assert full_passes == 1 + (2 if coarse_size else 0) + 1
+            # one view: the mirror (and both at the coarse size, and the equalised view's two) without gradients,
+            # then the shared pass, whose forward is also the image's own pass of the answer
+            assert full_passes == 1 + (2 if coarse_size else 0) + views + 1
     finally:
         hook.remove()
 
