@@ -27,7 +27,7 @@ import json
 
 import torch
 
-from mura_demo.core.inference import score_images
+from mura_demo.core.inference import score_body_parts, score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.augment import equalize
@@ -69,7 +69,7 @@ def main() -> None:
     }
     withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
     withheld_images = load_images(withheld, config.input_size) if withheld else None
-    withheld_bp = score_images(model, config, withheld_images)[0] if withheld else None
+    withheld_bp = score_body_parts(model, config, withheld_images) if withheld else None
     if withheld:
         out[f"withheld_{spec}_outside_its_test_share"] = withheld_report(config, withheld, withheld_bp.numpy())
         out["holdout_end_crops_called"] = end_crop_calls(model, config, holdout)
@@ -91,7 +91,7 @@ def main() -> None:
                                              ("withheld", withheld, withheld_images, withheld_bp)):  # fmt: skip
             if not samples:
                 continue
-            eq = score_images(model, config, (equalize(images.float() / 255) * 255).round().to(torch.uint8))[0]
+            eq = score_body_parts(model, config, (equalize(images.float() / 255) * 255).round().to(torch.uint8))
             for view, probs in (("equalized", eq), ("mean", (eq + plain) / 2)):
                 row = out["equalized_view"].setdefault(view, {})
                 if name == "holdout":

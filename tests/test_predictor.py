@@ -14,8 +14,8 @@ from PIL import Image
 
 from mura_demo.core.checks import ImageInputError, RequestError
 from mura_demo.core.imaging import load_image
-from mura_demo.core.inference import model_logits
-from mura_demo.core.preprocess import equalized_view, to_model_input
+from mura_demo.core.inference import model_logits, score_body_parts, score_images
+from mura_demo.core.preprocess import equalized_view, letterbox, to_model_input
 from mura_demo.core.weights import load_model
 from mura_demo.serving.predictor import MAX_VIEWS, Predictor
 from mura_demo.serving.reading import NEEDS_CONFIRMATION, UNCERTAIN
@@ -100,6 +100,30 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
     assert not torch.allclose(split(answer)[0], split(before)[0], atol=1e-3)
     predicted, analysis = viewing.predict(images["a"]), viewing.analyze(images["a"])
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
+
+
+@pytest.mark.parametrize(("flip", "coarse_size", "equalized"), [(False, None, False), (True, None, True),
+                                                             (True, 160, False), (True, 160, True)])  # fmt: skip
+def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, images, flip, coarse_size, equalized):
+    """Finalize and the probes score the body part alone: the same probabilities as the full answer's, without the
+    passes only the abnormality reads (the full-size image and its mirror when the part has its own view)."""
+    reading = predictor_with(predictor, test_time_flip=flip, body_part_input_size=coarse_size,
+                             body_part_equalized_view=equalized)  # fmt: skip
+    size = reading.config.input_size
+    batch = torch.stack([torch.from_numpy(np.asarray(letterbox(load_image(images[k]), size)[0]).copy())[None]
+                         for k in ("a", "b", "c")])  # fmt: skip
+    seen = []
+    hook = reading.model.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    try:
+        full = score_images(reading.model, reading.config, batch)[0]
+        full_images, seen[:] = sum(s[0] for s in seen), []
+        alone = score_body_parts(reading.model, reading.config, batch)
+    finally:
+        hook.remove()
+    assert torch.allclose(alone, full, atol=1e-5)
+    full_size = sum(s[0] for s in seen if s[-1] == size)
+    assert full_size == (0 if coarse_size else len(batch) * (1 + flip) * (1 + equalized))
+    assert sum(s[0] for s in seen) == full_images - (len(batch) * (1 + flip) if coarse_size else 0)
 
 
 @pytest.mark.parametrize(("coarse_size", "equalized"), [(None, False), (224, False), (None, True), (224, True)])

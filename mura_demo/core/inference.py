@@ -27,6 +27,24 @@ def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> t
     return model(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
 
 
+def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
+    """Body-part logits read from ``view`` alone: its flip mean, averaged with its equalised copy's when the
+    config asks for that view."""
+    logits = config.split_logits(flip_mean(model, config, view))[0]
+    if config.body_part_equalized_view:
+        equalized = config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
+        logits = (logits + equalized) / 2
+    return logits
+
+
+def body_part_view(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """``x`` resized to the size the config reads the body part at (``x`` itself when that is its size)."""
+    size = config.body_part_input_size
+    if not size or size == x.shape[-1]:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def answer_from(
     model: torch.nn.Module, config: ModelConfig, x: torch.Tensor, body_part: bool = True, abnormality: bool = True
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -37,20 +55,15 @@ def answer_from(
     ``body_part`` and ``abnormality`` say which columns of the answer must be complete: a caller that
     only routes on the body part, or not even that, is spared the passes it would not read.
     """
-    size = config.body_part_input_size
-    coarse_view = body_part and size and size != x.shape[-1]
+    view = body_part_view(config, x) if body_part else x
+    coarse_view = view is not x
     with torch.no_grad():
         mirror = config.test_time_flip and (abnormality or (body_part and not coarse_view))
         mirrored = model(x.flip(-1)) if mirror else None
-        view = (
-            F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            if coarse_view
-            else x
-        )
-        coarse = config.split_logits(flip_mean(model, config, view))[0] if coarse_view else None
+        coarse = body_part_logits(model, config, view) if coarse_view else None
         equalized = None
-        if body_part and config.body_part_equalized_view:
-            equalized = config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
+        if body_part and not coarse_view and config.body_part_equalized_view:
+            equalized = config.split_logits(flip_mean(model, config, equalized_view(x, config)))[0]
 
     def answer(logits: torch.Tensor) -> torch.Tensor:
         if mirrored is not None:
@@ -70,6 +83,12 @@ def model_logits(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -
     return answer_from(model, config, x)(model(x))
 
 
+def batched(images: torch.Tensor, config: ModelConfig, device: torch.device, batch_size: int):
+    """uint8 (N, 1, S, S) letterboxed images -> normalised batches on ``device``."""
+    for start in range(0, len(images), batch_size):
+        yield normalize(images[start : start + batch_size], config).to(device)
+
+
 @torch.inference_mode()
 def score_images(
     model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
@@ -77,12 +96,27 @@ def score_images(
     """uint8 (N, 1, S, S) letterboxed images -> (body-part probabilities, abnormality probabilities)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     body, abnormal = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size], config).to(device)
+    for x in batched(images, config, next(model.parameters()).device, batch_size):
         bp, ab = config.split_logits(model_logits(model, config, x).float().cpu())
         body.append(bp.softmax(1))
         abnormal.append(ab.sigmoid())
     model.train(was_training)
     return torch.cat(body), torch.cat(abnormal)
+
+
+@torch.inference_mode()
+def score_body_parts(
+    model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """uint8 (N, 1, S, S) letterboxed images -> body-part probabilities, the same as ``score_images``'
+    first half without the passes only the abnormality answer reads (for choices and probes on the part alone)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    body = [
+        body_part_logits(model, config, body_part_view(config, x)).float().cpu().softmax(1)
+        for x in batched(images, config, device, batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(body)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.config import OTHER, ModelConfig
-from ..core.inference import score_images
+from ..core.inference import score_body_parts, score_images
 from ..core.model import create_model
 from ..core.preprocess import normalize
 from ..core.weights import load_model
@@ -240,7 +240,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     report: dict = {"withheld": spec, "weights": loso.source, "training": loso.config.training}
     tops = {}
     for name, samples in shares.items():
-        bp = score_images(loso.model, reading, load_images(samples, loso.config.input_size))[0].numpy()
+        bp = score_body_parts(loso.model, reading, load_images(samples, loso.config.input_size)).numpy()
         report[name] = withheld_report(loso.config, samples, bp)
         tops[name] = (bp.max(1), named_right(loso.config, samples, bp))
     level = confidence_level(*tops["selection"])
@@ -269,7 +269,7 @@ def end_crop_calls(model, config: ModelConfig, samples: list[Sample]) -> dict:
     """What the model calls the two end crops of held-out MURA forearm and humerus images: a check that
     the end-crop lever taught anatomy (about half elbow, half wrist/shoulder), not "every end is an elbow"."""
     crops = end_crops([s for s in samples if s.source == "mura"])
-    bp = score_images(model, config, load_images(crops, config.input_size))[0].numpy()
+    bp = score_body_parts(model, config, load_images(crops, config.input_size)).numpy()
     out: dict = {}
     for s, k in zip(crops, bp.argmax(1)):
         called = out.setdefault("+".join(s.body_parts), {})

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..core.config import OTHER, ModelConfig
-from ..core.inference import score_images
+from ..core.inference import score_body_parts, score_images
 from ..core.model import MuraNet, create_model
 from ..core.preprocess import normalize
 from ..core.weights import load_folder, save_weights
@@ -555,13 +555,13 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     bp_probs = {config.input_size: bp_prob}
     for size in (s for s in BODY_PART_SIZES if s < config.input_size):
         config.body_part_input_size = size
-        bp_probs[size] = score_images(model, config, holdout_images)[0]
+        bp_probs[size] = score_body_parts(model, config, holdout_images)
     reports = {size: holdout_report(config, holdout, p, ab_prob) for size, p in bp_probs.items()}
     part_accuracy = {size: r["body_part_accuracy"] for size, r in reports.items()}
     config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
     chosen = reports[config.body_part_input_size]
     config.body_part_equalized_view = True
-    equalized = holdout_report(config, holdout, score_images(model, config, holdout_images)[0], ab_prob)
+    equalized = holdout_report(config, holdout, score_body_parts(model, config, holdout_images), ab_prob)
     config.body_part_equalized_view = equalized["body_part_accuracy"] > chosen["body_part_accuracy"]
     if config.body_part_equalized_view:
         chosen = equalized
