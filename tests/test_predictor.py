@@ -114,12 +114,15 @@ def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, ima
                          for k in ("a", "b", "c")])  # fmt: skip
     seen = []
     hook = reading.model.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    reading.model.train()  # scoring runs during training too: eval mode for the passes, the caller's mode back
     try:
         full = score_images(reading.model, reading.config, batch)[0]
         full_images, seen[:] = sum(s[0] for s in seen), []
         alone = score_body_parts(reading.model, reading.config, batch)
+        assert reading.model.training
     finally:
         hook.remove()
+        reading.model.eval()
     assert torch.allclose(alone, full, atol=1e-5)
     full_size = sum(s[0] for s in seen if s[-1] == size)
     assert full_size == (0 if coarse_size else len(batch) * (1 + flip) * (1 + equalized))

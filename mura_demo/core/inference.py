@@ -12,6 +12,7 @@ histogram-equalised: equalising hides a source's grey levels, not the anatomy.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,17 @@ def model_logits(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -
     return answer_from(model, config, x)(model(x))
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block (scoring runs during training too), its own mode back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def batched(images: torch.Tensor, config: ModelConfig, device: torch.device, batch_size: int):
     """uint8 (N, 1, S, S) letterboxed images -> normalised batches on ``device``."""
     for start in range(0, len(images), batch_size):
@@ -94,14 +106,12 @@ def score_images(
     model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, 1, S, S) letterboxed images -> (body-part probabilities, abnormality probabilities)."""
-    was_training = model.training
-    model.eval()
     body, abnormal = [], []
-    for x in batched(images, config, next(model.parameters()).device, batch_size):
-        bp, ab = config.split_logits(model_logits(model, config, x).float().cpu())
-        body.append(bp.softmax(1))
-        abnormal.append(ab.sigmoid())
-    model.train(was_training)
+    with eval_mode(model):
+        for x in batched(images, config, next(model.parameters()).device, batch_size):
+            bp, ab = config.split_logits(model_logits(model, config, x).float().cpu())
+            body.append(bp.softmax(1))
+            abnormal.append(ab.sigmoid())
     return torch.cat(body), torch.cat(abnormal)
 
 
@@ -111,12 +121,9 @@ def score_body_parts(
 ) -> torch.Tensor:
     """uint8 (N, 1, S, S) letterboxed images -> body-part probabilities, the same as ``score_images``'
     first half without the passes only the abnormality answer reads (for choices and probes on the part alone)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    body = [
-        body_part_logits(model, config, body_part_view(config, x)).float().cpu().softmax(1)
-        for x in batched(images, config, device, batch_size)
-    ]
-    model.train(was_training)
+    with eval_mode(model):
+        body = [
+            body_part_logits(model, config, body_part_view(config, x)).float().cpu().softmax(1)
+            for x in batched(images, config, next(model.parameters()).device, batch_size)
+        ]
     return torch.cat(body)
