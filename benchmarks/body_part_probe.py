@@ -29,8 +29,8 @@ import torch
 
 from mura_demo.core.inference import score_body_parts, score_images
 from mura_demo.core.malloc import tune_for_batch_work
+from mura_demo.core.preprocess import equalize
 from mura_demo.core.weights import load_folder
-from mura_demo.training.augment import equalize
 from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
 from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
 from mura_demo.training.settings import TrainSettings

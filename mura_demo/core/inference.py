@@ -28,13 +28,17 @@ def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> t
     return model(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
 
 
+def equalized_body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
+    """Body-part logits of ``view`` histogram-equalised (its flip mean when the config asks for flips)."""
+    return config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
+
+
 def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
     """Body-part logits read from ``view`` alone: its flip mean, averaged with its equalised copy's when the
     config asks for that view."""
     logits = config.split_logits(flip_mean(model, config, view))[0]
     if config.body_part_equalized_view:
-        equalized = config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
-        logits = (logits + equalized) / 2
+        logits = (logits + equalized_body_part_logits(model, config, view)) / 2
     return logits
 
 
@@ -64,7 +68,7 @@ def answer_from(
         coarse = body_part_logits(model, config, view) if coarse_view else None
         equalized = None
         if body_part and not coarse_view and config.body_part_equalized_view:
-            equalized = config.split_logits(flip_mean(model, config, equalized_view(x, config)))[0]
+            equalized = equalized_body_part_logits(model, config, x)
 
     def answer(logits: torch.Tensor) -> torch.Tensor:
         if mirrored is not None:
