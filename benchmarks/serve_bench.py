@@ -1,6 +1,6 @@
 """Speed and memory of the demo, measured: prints a table and writes JSON.
 
-  python benchmarks/serve_bench.py [--images 60] [--users 16] [--requests 25] [--out runs/bench.json]
+  python benchmarks/serve_bench.py [--weights FOLDER] [--images 60] [--users 16] [--requests 25] [--out FILE]
 
 In-process latency (median, p95) over real MURA radiographs for prediction alone, for prediction
 plus the three maps from one shared pass and for Grad-CAM alone (what /explain serves), against the
@@ -55,7 +55,7 @@ def part_of(path: Path) -> str:
     return path.parents[2].name.removeprefix("XR_").lower()
 
 
-def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
+def in_process(images: list[Path], studies: list[list[Path]], weights: str) -> dict:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -64,7 +64,7 @@ def in_process(images: list[Path], studies: list[list[Path]]) -> dict:
     from mura_demo.serving.reading import routed_part
     from mura_demo.serving.report import render_report
 
-    predictor = Predictor.from_spec(str(ROOT / "weights"))
+    predictor = Predictor.from_spec(weights)
     model, layer, cfg = predictor.model, predictor.target_layer, predictor.config
 
     def naive(path):
@@ -132,13 +132,14 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"]) / 1024, int(fields["VmHWM"]) / 1024
 
 
-def served(images: list[Path], users: int, per_user: int, sequential: int) -> dict:
+def served(images: list[Path], users: int, per_user: int, sequential: int, weights: str) -> dict:
     from gradio_client import Client, handle_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "MURA_DEMO_WEIGHTS": weights}  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -212,6 +213,7 @@ def served(images: list[Path], users: int, per_user: int, sequential: int) -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--weights", default=str(ROOT / "weights"), help="weights folder (default: the bundled one)")
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--requests", type=int, default=25)
@@ -226,9 +228,10 @@ def main() -> int:
     folders = sorted({p.parent for p in images})
     studies = [views[:2] for views in (sorted(f.glob("*.png")) for f in folders) if len(views) >= 2][:20]
     result = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "images": len(images)}
-    result["in_process"] = in_process(images, studies)
+    result["weights"] = str(Path(args.weights).resolve())
+    result["in_process"] = in_process(images, studies, result["weights"])
     print(json.dumps(result["in_process"]), flush=True)
-    result["served"] = served(images, args.users, args.requests, args.sequential)
+    result["served"] = served(images, args.users, args.requests, args.sequential, result["weights"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     ip, sv = result["in_process"], result["served"]

@@ -1,6 +1,8 @@
 """The command line: ``python -m mura_demo`` (or ``mura-demo`` once the package is installed).
 
 train     train on MURA + UNIFESP and export a weights folder
+average   one network from the average of runs' weights, finalized on the holdout
+pair      one model from two networks (body part from one, abnormality from the other)
 evaluate  score weights on held-out data (report, plots, optional model card)
 upload    publish a weights folder to a Hub model repo (--dry-run to check only)
 predict   body part, abnormality probability and verdict for images (files or folders)
@@ -81,6 +83,16 @@ def run_average(args) -> None:
     settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
                              version=args.version)  # fmt: skip
     average_runs(args.folders, settings, args.shares)
+
+
+def run_pair(args) -> None:
+    from .core.malloc import tune_for_batch_work
+    from .training.train import pair_networks
+
+    tune_for_batch_work()
+    settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
+                             version=args.version)  # fmt: skip
+    pair_networks(args.body_part, args.abnormality, settings)
 
 
 def run_evaluate(args) -> None:
@@ -191,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True)
     p.add_argument("--export-dir", required=True)
     p.add_argument("--out-dir", default="runs/average")
+    p.add_argument("--data-root", default=TrainSettings.data_root)
+    p = command("pair", run_pair, "one model from two networks: the body part from one, the abnormality from the other")
+    p.add_argument("--body-part", required=True, help="weights folder of the network that reads the body part")
+    p.add_argument("--abnormality", required=True, help="weights folder of the network that reads the abnormality")
+    p.add_argument("--version", required=True)
+    p.add_argument("--export-dir", required=True)
+    p.add_argument("--out-dir", default="runs/pair")
     p.add_argument("--data-root", default=TrainSettings.data_root)
     p = command(
         "evaluate", run_evaluate, "score weights on MURA valid, the elbow test share and the UNIFESP test share"

@@ -8,6 +8,7 @@ data still tests the app; tests that need real radiographs (accuracy, training) 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import json
 import os
@@ -98,22 +99,80 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def doctored_weights(folder: Path, favoured: str | tuple[str, ...], config_changes: dict | None = None) -> Path:
-    """A copy of the bundled weights whose body-part head answers ``favoured`` for every image (its
-    bias raised far above the others'; several classes share the answer evenly), with ``config_changes``
-    applied: a model whose routing a test knows in advance, to check the reading's rules through the app."""
-    from safetensors.torch import load_file, save_file
+@contextlib.contextmanager
+def backbone_passes(*models):
+    """Every batch through a backbone of ``models`` while the block runs, as (network, batch shape); network is
+    "body_part" or "abnormality" in a pair, "" for a single network. Passes that read only the body part skip a
+    model's own forward, so passes are counted at the backbones."""
+    seen: list[tuple[str, tuple]] = []
 
-    shutil.copytree(BUNDLED, folder, ignore=shutil.ignore_patterns("*.md"))
-    config = json.loads((folder / "config.json").read_text())
-    classes = [*config["body_parts"], "other"]
-    tensors = load_file(folder / "model.safetensors")
-    rows = [classes.index(name) for name in ((favoured,) if isinstance(favoured, str) else favoured)]
-    for head in ("body_part_head.weight", "body_part_head.bias"):
-        tensors[head][rows] = tensors[head][rows[0]].clone()  # the favoured classes answer alike: a tie
-    tensors["body_part_head.bias"][rows] += 60.0
-    save_file(tensors, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config | (config_changes or {})))
+    def recorder(network: str):
+        return lambda _module, args, _output: seen.append((network, tuple(args[0].shape)))
+
+    handles = [
+        module.register_forward_hook(recorder(name.removesuffix("backbone").rstrip(".")))
+        for model in models
+        for name, module in model.named_modules()
+        if name.endswith("backbone")
+    ]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def images_through(seen, network: str, size: int | None = None) -> int:
+    """How many images of ``seen`` went through ``network`` ("body_part" or "abnormality": the one network when
+    there is no pair), at ``size`` px when given."""
+    return sum(shape[0] for name, shape in seen if name in ("", network) and size in (None, shape[-1]))
+
+
+def bundled_head(role: str) -> str:
+    """The bundled file's key of the head that answers ``role`` ("body_part" or "abnormality"): a head of the
+    one network, or of that role's network in a pair."""
+    pair = json.loads((BUNDLED / "config.json").read_text()).get("separate_body_part_network", False)
+    return f"{role}.{role}_head" if pair else f"{role}_head"
+
+
+def bundled_networks(folder: Path) -> tuple[Path, Path]:
+    """The bundled weights as single networks, each a folder of its own under ``folder``: (the one that reads the
+    body part, the one that reads the abnormality); both are the bundled folder when it holds one network."""
+    from mura_demo.core.config import ModelConfig
+    from mura_demo.core.weights import load_folder, save_weights
+
+    model, config = load_folder(BUNDLED)
+    if not config.separate_body_part_network:
+        return BUNDLED, BUNDLED
+    folders = []
+    for role in ("body_part", "abnormality"):
+        record = config.training["paired"][role]
+        alone = {"separate_body_part_network": False, "cam_layer": "backbone.bn2", "version": record["version"],
+                 "training": record["training"]}  # fmt: skip
+        save_weights(getattr(model, role), ModelConfig.from_dict(config.to_dict() | alone), folder / role)
+        folders.append(folder / role)
+    return folders[0], folders[1]
+
+
+def doctored_weights(
+    folder: Path, favoured: str | tuple[str, ...], config_changes: dict | None = None, source: Path = BUNDLED
+) -> Path:
+    """A copy of the weights in ``source`` (the bundled ones) whose body-part head answers ``favoured`` for every
+    image (its bias raised far above the others'; several classes share the answer evenly), with ``config_changes``
+    applied: a model whose routing a test knows in advance, to check the reading's rules through the app."""
+    import torch
+
+    from mura_demo.core.config import ModelConfig
+    from mura_demo.core.weights import load_folder, save_weights
+
+    model, config = load_folder(source)
+    rows = [config.body_part_classes.index(name) for name in ((favoured,) if isinstance(favoured, str) else favoured)]
+    with torch.no_grad():
+        for tensor in (model.body_part_head.weight, model.body_part_head.bias):
+            tensor[rows] = tensor[rows[0]].clone()  # the favoured classes answer alike: a tie
+        model.body_part_head.bias[rows] += 60.0
+    config = ModelConfig.from_dict(config.to_dict() | (config_changes or {}))
+    save_weights(model, config, folder, int8=config.separate_body_part_network)
     return folder
 
 

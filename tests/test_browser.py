@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import doctored_weights, free_port, needs_weights
+from conftest import backbone_passes, doctored_weights, free_port, needs_weights
 
 from mura_demo.core.weights import load_model
 from mura_demo.serving.predictor import Predictor
@@ -215,9 +215,7 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, ima
     maps = page.locator("#maps img")
     maps.nth(2).wait_for(timeout=60_000)
     before = maps.first.get_attribute("src")
-    passes = []
-    hooks = [m.register_forward_hook(lambda *args: passes.append(1)) for m in (predictor.model, predictor.slow_model)]
-    try:
+    with backbone_passes(predictor.model, predictor.slow_model) as passes:
         page.get_by_label("Colour map").click()
         page.get_by_role("option", name="viridis").click()
         page.wait_for_function(
@@ -239,9 +237,6 @@ def test_redraw_and_report_reuse_the_reading_on_screen(served_demo, browser, ima
             timeout=60_000,
         )  # the run started at 0.99 lands decided at the slider's value by then
         assert passes
-    finally:
-        for hook in hooks:
-            hook.remove()
     clear_uploads(page)
     assert "Error" not in page.inner_text("body")
     assert page.locator("#maps img").count() == 0

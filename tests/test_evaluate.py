@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BUNDLED, MURA, UNIFESP, doctored_weights, needs_data, needs_weights
+from conftest import BUNDLED, MURA, UNIFESP, bundled_networks, doctored_weights, needs_data, needs_weights
 from safetensors.torch import load_file
 
+from mura_demo.core.weights import SCALE_SUFFIX, load_folder, round_as_stored
 from mura_demo.training.card import averaged_story, write_model_card
 from mura_demo.training.data import load_splits
 from mura_demo.training.evaluate import evaluate
 from mura_demo.training.settings import EvalSettings, TrainSettings
-from mura_demo.training.train import average_runs, train
+from mura_demo.training.train import average_runs, pair_networks, train
 
 pytestmark = [needs_data, needs_weights]
 
@@ -135,33 +136,88 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
     assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
-    # the bundled weights' run used no end crops and neither loss lever, so the card names none; with them on, all
+    # the bundled weights' runs used no end crops and neither loss lever, so the card names none; with them on, all
     assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
-    config["training"]["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2}
+    paired = config["training"].get("paired")
+    if paired:  # a pair's card tells each network's training and how the two were joined
+        body, abnormal = paired["body_part"], paired["abnormality"]
+        assert f"**The body-part network** (version {body['version']})" in card
+        assert f"**The abnormality network** (version {abnormal['version']})" in card
+        assert f"python -m mura_demo pair --body-part {body['folder']} --abnormality {abnormal['folder']}" in card
+        assert "shipped body-part network but with every MURA elbow image withheld" in card
+    record = paired["body_part"]["training"] if paired else config["training"]
+    record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2}
     (weights / "config.json").write_text(json.dumps(config))
     write_model_card(weights, report | {"n_boot": settings.n_boot})
     card = (weights / "README.md").read_text()
     assert "a source mask (each image's body-part softmax" in card and "the others stay in, lowered by 3.0" in card
     assert "0.5 times the log of each source's body-part distribution" in card and "(20% of the draws;" in card
+    # and the card of one network, as a training run writes it
+    single = shutil.copytree(bundled_networks(tmp_path / "nets")[0], tmp_path / "single")
+    write_model_card(single, report | {"n_boot": settings.n_boot})
+    card = (single / "README.md").read_text()
+    assert "One `tf_efficientnet_lite0` backbone" in card and "One training run:" in card
+    assert "**The body-part network**" not in card and "mura_demo pair" not in card
 
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     """`average` joins runs' weights into one network, element by element, keeps the first run's settings and
     every run on record, and finalizes it on the holdout like a run."""
-    favoured = doctored_weights(tmp_path / "elbow", "elbow")
+    network, _ = bundled_networks(tmp_path / "nets")
+    favoured = doctored_weights(tmp_path / "elbow", "elbow", source=network)
     settings = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "w"),
                              version="avg")  # fmt: skip
-    config = average_runs([str(BUNDLED), str(favoured)], settings)
-    joined, first, second = (load_file(Path(f) / "model.safetensors") for f in (settings.export_dir, BUNDLED, favoured))
+    config = average_runs([str(network), str(favoured)], settings)
+    joined, first, second = (load_file(Path(f) / "model.safetensors") for f in (settings.export_dir, network, favoured))
     assert set(joined) == set(first)
     for k in first:
         assert torch.allclose(joined[k].float(), (first[k].float() + second[k].float()) / 2, atol=1e-3, rtol=1e-3), k
-    shipped = json.loads((BUNDLED / "config.json").read_text())["training"]["settings"]
+    shipped = json.loads((network / "config.json").read_text())["training"]["settings"]
     assert config.training["settings"]["style"] == shipped["style"] and config.version == "avg"
-    assert [run["folder"] for run in config.training["averaged"]] == [str(BUNDLED), str(favoured)]
+    assert [run["folder"] for run in config.training["averaged"]] == [str(network), str(favoured)]
     assert config.trained and all(0 < config.thresholds[p] < 1 for p in ("elbow", "forearm", "humerus"))
     story = averaged_story(config.training)  # the card's words for it
     assert "uniform average of 2 runs' weights" in story and "differs in: nothing but bookkeeping" in story
-    smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224})
+    smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224}, network)
     with pytest.raises(ValueError, match="one architecture, input size"):
-        average_runs([str(BUNDLED), str(smaller)], settings)
+        average_runs([str(network), str(smaller)], settings)
+
+
+def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
+    """`pair` joins a body-part network and an abnormality network into one model: the body part from the first,
+    the abnormality from the second, stored as int8 within the weights budget, finalized on the holdout, with both
+    networks on record; pairs, twins and networks that do not fit are refused."""
+    body, abnormal = bundled_networks(tmp_path / "nets")
+    elbow = doctored_weights(tmp_path / "elbow", "elbow", source=body)  # a body part the test knows in advance
+    settings = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "w"),
+                             version="pair")  # fmt: skip
+    config = pair_networks(str(elbow), str(abnormal), settings)
+    assert config.separate_body_part_network and config.cam_layer == "abnormality.backbone.bn2" and config.trained
+    assert all(0 < config.thresholds[p] < 1 for p in ("elbow", "forearm", "humerus"))
+    paired = config.training["paired"]
+    assert (paired["body_part"]["folder"], paired["abnormality"]["folder"]) == (str(elbow), str(abnormal))
+    assert paired["abnormality"]["training"] == load_folder(abnormal)[1].training
+    stored = load_file(Path(settings.export_dir) / "model.safetensors")
+    assert stored["abnormality.backbone.conv_head.weight"].dtype == torch.int8
+    assert "abnormality.backbone.conv_head.weight" + SCALE_SUFFIX in stored
+    assert (Path(settings.export_dir) / "model.safetensors").stat().st_size < 10e6  # the budget, both networks
+    model, loaded = load_folder(settings.export_dir)
+    alone, _ = load_folder(abnormal)
+    round_as_stored(alone, int8=True)
+    x = torch.randn(2, 3, loaded.input_size, loaded.input_size)
+    trained = [loaded.body_parts.index(p) for p in ("elbow", "forearm", "humerus")]
+    with torch.no_grad():
+        body_logits, abnormal_logits = loaded.split_logits(model(x))
+        assert (body_logits.argmax(1) == loaded.body_part_classes.index("elbow")).all()
+        # the abnormality network's own answer, as int8 storage keeps it
+        assert torch.allclose(abnormal_logits[:, trained], loaded.split_logits(alone(x))[1][:, trained], atol=1e-5)
+    with pytest.raises(ValueError, match="not a pair"):
+        pair_networks(settings.export_dir, str(abnormal), settings)
+    twin = doctored_weights(tmp_path / "twin", "elbow", {"training": {"settings": {"withhold": "mura:elbow"}}}, body)
+    with pytest.raises(ValueError, match="leave-one-source-out twin"):
+        pair_networks(str(twin), str(abnormal), settings)
+    smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224}, body)
+    with pytest.raises(ValueError, match="must agree on architecture, input_size"):
+        pair_networks(str(smaller), str(abnormal), settings)
+    with pytest.raises(ValueError, match="only single networks can be averaged"):
+        average_runs([settings.export_dir, settings.export_dir], settings)

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import doctored_weights, needs_weights
+from conftest import backbone_passes, doctored_weights, images_through, needs_weights
 from PIL import Image
 
 from mura_demo.core.checks import ImageInputError, RequestError
@@ -112,21 +112,21 @@ def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, ima
     size = reading.config.input_size
     batch = torch.stack([torch.from_numpy(np.asarray(letterbox(load_image(images[k]), size)[0]).copy())[None]
                          for k in ("a", "b", "c")])  # fmt: skip
-    seen = []
-    hook = reading.model.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
     reading.model.train()  # scoring runs during training too: eval mode for the passes, the caller's mode back
     try:
-        full = score_images(reading.model, reading.config, batch)[0]
-        full_images, seen[:] = sum(s[0] for s in seen), []
-        alone = score_body_parts(reading.model, reading.config, batch)
+        with backbone_passes(reading.model) as seen:
+            full = score_images(reading.model, reading.config, batch)[0]
+        full_images = images_through(seen, "body_part")
+        with backbone_passes(reading.model) as seen:
+            alone = score_body_parts(reading.model, reading.config, batch)
         assert reading.model.training
     finally:
-        hook.remove()
         reading.model.eval()
     assert torch.allclose(alone, full, atol=1e-5)
-    full_size = sum(s[0] for s in seen if s[-1] == size)
-    assert full_size == (0 if coarse_size else len(batch) * (1 + flip) * (1 + equalized))
-    assert sum(s[0] for s in seen) == full_images - (len(batch) * (1 + flip) if coarse_size else 0)
+    assert images_through(seen, "body_part", size) == (0 if coarse_size else len(batch) * (1 + flip) * (1 + equalized))
+    assert images_through(seen, "body_part") == full_images - (len(batch) * (1 + flip) if coarse_size else 0)
+    if reading.config.separate_body_part_network:
+        assert images_through(seen, "abnormality") == 0  # the abnormality network does not run at all
 
 
 @pytest.mark.parametrize(("coarse_size", "equalized"), [(None, False), (224, False), (None, True), (224, True)])
@@ -135,27 +135,27 @@ def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coa
     network (no mirror for the abnormality probability; no body-part view when the part is given)."""
     flipping = predictor_with(forearm_predictor, test_time_flip=True, body_part_input_size=coarse_size,
                               body_part_equalized_view=equalized)  # fmt: skip
-    seen = []
-    hook = flipping.model.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
-    try:
-        for part in ("auto", "humerus"):
-            seen.clear()
+    for part in ("auto", "humerus"):
+        with backbone_passes(flipping.model) as seen:
             full = flipping.analyze(images["a"], part, ("gradcam", "saliency"))
-            full_passes, seen[:] = sum(seen), []
+        full_passes = images_through(seen, "body_part")
+        with backbone_passes(flipping.model) as seen:
             alone = flipping.explain(images["a"], part, ("gradcam", "saliency"))
-            assert alone.maps.keys() == full.maps.keys() == {"gradcam", "saliency"} and alone.box == full.box
-            for method, cam in full.maps.items():
-                np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
-            # images through the network: the shared pass, plus what routing "auto" reads the part from (the
-            # equalised view and its mirror image when the weights ask for them)
-            views = 2 if equalized else 0
-            routing = 0 if part != "auto" else (2 if coarse_size else 1) + views
-            assert sum(seen) == 1 + routing
-            # one view: the mirror (and both at the coarse size, and the equalised view's two) without gradients,
-            # then the shared pass, whose forward is also the image's own pass of the answer
-            assert full_passes == 1 + (2 if coarse_size else 0) + views + 1
-    finally:
-        hook.remove()
+        assert alone.maps.keys() == full.maps.keys() == {"gradcam", "saliency"} and alone.box == full.box
+        for method, cam in full.maps.items():
+            np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
+        # images through the network: the shared pass, plus what routing "auto" reads the part from (the
+        # mirror image or the coarse view and its mirror; the equalised view and its mirror when asked for)
+        views = 2 if equalized else 0
+        routing = 0 if part != "auto" else (2 if coarse_size else 1) + views
+        assert images_through(seen, "body_part") == 1 + routing
+        # of which the abnormality network runs the shared pass, and the mirror where routing reads it
+        mirror = part == "auto" and not coarse_size
+        assert images_through(seen, "abnormality") == (1 + mirror if flipping.config.separate_body_part_network
+                                                       else 1 + routing)  # fmt: skip
+        # one view: the mirror (and both at the coarse size, and the equalised view's two) without gradients,
+        # then the shared pass, whose forward is also the image's own pass of the answer
+        assert full_passes == 1 + (2 if coarse_size else 0) + views + 1
 
 
 def test_no_maps_for_an_image_the_head_calls_other(tmp_path, images):
@@ -204,24 +204,21 @@ def test_another_part_or_method_reads_as_a_fresh_analysis_without_the_network(fo
     """The confirm click, another body part and another method revise the reading on screen: the same
     reading and maps as a fresh analysis, from no forward pass of the answer's and no map drawn twice."""
     confirming = predictor_with(forearm_predictor, body_part_confirmation=True, body_part_confirmation_reason="x")
-    passes = []
-    hook = confirming.model.register_forward_hook(lambda _m, args, _out: passes.append(len(args[0])))
-    try:
+    with backbone_passes(confirming.model) as passes:
         detected = confirming.analyze_study(study, "auto", ("gradcam", "saliency"))
         assert detected.study["body_part_status"] == NEEDS_CONFIRMATION and detected.study["validated"] is False
         passes.clear()
         confirmed = confirming.revise(detected, "forearm", ("gradcam", "saliency"))
-        assert passes == []  # the confirm click: the network does not run at all
+        assert passes == []  # the confirm click: no network runs at all
         assert confirmed.study["validated"] is True and confirmed.body_part == "forearm"
         for before, after in zip(detected.views, confirmed.views):
             assert all(after.maps[m] is before.maps[m] for m in ("gradcam", "saliency"))
         humerus = confirming.revise(confirmed, "humerus", ("gradcam", "gradcam++"))
-        assert sum(passes) == len(study)  # one shared pass a view for the new part's maps, no answer pass
+        # one shared pass a view for the new part's maps, no answer pass
+        assert images_through(passes, "abnormality") == len(study)
         plus = confirming.revise(humerus, "humerus", ("gradcam++", "gradcam", "saliency"))
-        assert sum(passes) == 2 * len(study)  # only saliency was missing
+        assert images_through(passes, "abnormality") == 2 * len(study)  # only saliency was missing
         assert all(list(v.maps) == ["gradcam++", "gradcam", "saliency"] for v in plus.views)
-    finally:
-        hook.remove()
     fresh = confirming.analyze_study(study, "humerus", ("gradcam++", "gradcam", "saliency"))
     assert plus.to_dict() == fresh.to_dict()
     for revised, new in zip(plus.views, fresh.views):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import BUNDLED, needs_weights
+from conftest import BUNDLED, bundled_head, needs_weights
 from safetensors.torch import load_file, save_file
 
 from mura_demo.core.config import CONFIG_NAME, WEIGHTS_NAME
@@ -44,15 +44,15 @@ def test_one_commit_even_when_one_lands_between_the_downloads(hub, tmp_path):
     files = bundled_files()
     first = hub.publish("team/mura-moving", files)
     tensors = load_file(BUNDLED / WEIGHTS_NAME)
-    tensors["abnormality_head.bias"] = tensors["abnormality_head.bias"] + 1.0
+    bias = f"{bundled_head('abnormality')}.bias"
+    tensors[bias] = tensors[bias] + 1.0
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     changed = json.loads(files[CONFIG_NAME]) | {"version": "second"}
     moved = {CONFIG_NAME: json.dumps(changed).encode(), WEIGHTS_NAME: (tmp_path / WEIGHTS_NAME).read_bytes()}
     hub.after_next_request = lambda: hub.publish("team/mura-moving", moved)
     loaded = load_model("hf://team/mura-moving@main", bundled=tmp_path)
     assert loaded.revision == first and loaded.config.version == json.loads(files[CONFIG_NAME])["version"]
-    bias = loaded.model.abnormality_head.bias.half()
-    assert torch.equal(bias, load_file(BUNDLED / WEIGHTS_NAME)["abnormality_head.bias"])
+    assert torch.equal(loaded.model.abnormality_head.bias.half(), load_file(BUNDLED / WEIGHTS_NAME)[bias])
     assert hub.refs["team/mura-moving"]["main"] != first  # the branch did move
 
 
@@ -116,16 +116,17 @@ def copy_bundled(tmp_path):
 def test_strict_keys_and_shapes_name_the_offenders(tmp_path):
     folder = copy_bundled(tmp_path)
     tensors = load_file(folder / WEIGHTS_NAME)
-    tensors.pop("abnormality_head.bias")
-    tensors["extra.weight"] = tensors["body_part_head.bias"].clone()
-    tensors["body_part_head.weight"] = tensors["body_part_head.weight"][:, :10].contiguous()
+    abnormality, body_part = bundled_head("abnormality"), bundled_head("body_part")
+    tensors.pop(f"{abnormality}.bias")
+    tensors["extra.weight"] = tensors[f"{body_part}.bias"].clone()
+    tensors[f"{body_part}.weight"] = tensors[f"{body_part}.weight"][:, :10].contiguous()
     save_file(tensors, folder / WEIGHTS_NAME)
     with pytest.raises(WeightsError) as err:
         load_folder(folder)
     message = str(err.value)
-    assert "missing: abnormality_head.bias" in message
+    assert f"missing: {abnormality}.bias" in message
     assert "unexpected: extra.weight" in message
-    assert "wrong shape: body_part_head.weight" in message
+    assert f"wrong shape: {body_part}.weight" in message
 
 
 def test_config_that_does_not_match(tmp_path):

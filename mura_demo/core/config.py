@@ -30,6 +30,9 @@ class ModelConfig:
     test_time_flip: bool = False  # average the logits of the image and its mirror image
     body_part_input_size: int | None = None  # read the body part from the image resized to this size
     body_part_equalized_view: bool = False  # body-part logits: the mean of the image's and its equalised view's
+    # The body part read by a network of its own (a BodyPartPair: one network per head), so that choosing a
+    # body-part network never costs the abnormality reading, and the reverse.
+    separate_body_part_network: bool = False
     thresholds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, 0.5))
     validated: dict[str, bool] = dataclasses.field(default_factory=lambda: dict.fromkeys(BODY_PARTS, False))
     # A detected body part counts towards a validated reading only at or above this probability (chosen
@@ -43,6 +46,11 @@ class ModelConfig:
     model_card_url: str = ""
     metrics: dict = dataclasses.field(default_factory=dict)
     training: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """What the page and the API name the model ("2 x ...": one network per head)."""
+        return f"2 x {self.architecture}" if self.separate_body_part_network else self.architecture
 
     @property
     def body_part_classes(self) -> tuple[str, ...]:
@@ -97,6 +105,8 @@ class ModelConfig:
                 raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")
         if not 0.0 <= self.body_part_min_probability < 1.0:
             raise ValueError("config.json: body_part_min_probability must lie in [0, 1)")
+        if self.separate_body_part_network and not self.cam_layer.startswith("abnormality."):
+            raise ValueError("config.json: a model with a separate body-part network explains its abnormality network")
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / CONFIG_NAME

@@ -23,6 +23,8 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Layer
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from .model import explained_network
+
 ColumnChooser = Callable[[torch.Tensor], "int | None"]
 
 
@@ -177,6 +179,6 @@ def explain(
                 maps[method] = shared.cam(method)
     for method in methods:
         if not METHODS[method].shared_pass:
-            with torch.enable_grad(), METHODS[method].cam(model, [target_layer]) as cam:
+            with torch.enable_grad(), METHODS[method].cam(explained_network(model), [target_layer]) as cam:
                 maps[method] = cam(input_tensor, [ClassifierOutputTarget(column)])[0]
     return logits, maps

@@ -21,22 +21,23 @@ from .config import ModelConfig
 from .preprocess import equalized_view, normalize
 
 
-def flip_mean(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
-    """Logits of ``x``, averaged with the mirrored batch's when the config asks for test-time flips."""
+def flip_mean(forward: Callable[[torch.Tensor], torch.Tensor], config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)``, averaged with the mirrored batch's when the config asks for test-time flips."""
     if not config.test_time_flip:
-        return model(x)
-    return model(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
+        return forward(x)
+    return forward(torch.cat([x, x.flip(-1)])).unflatten(0, (2, len(x))).mean(0)
 
 
 def equalized_body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
     """Body-part logits of ``view`` histogram-equalised (its flip mean when the config asks for flips)."""
-    return config.split_logits(flip_mean(model, config, equalized_view(view, config)))[0]
+    return flip_mean(model.body_part_logits, config, equalized_view(view, config))
 
 
 def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
     """Body-part logits read from ``view`` alone: its flip mean, averaged with its equalised copy's when the
-    config asks for that view."""
-    logits = config.split_logits(flip_mean(model, config, view))[0]
+    config asks for that view. Only the body-part columns are computed (with a separate body-part network,
+    only that network runs)."""
+    logits = flip_mean(model.body_part_logits, config, view)
     if config.body_part_equalized_view:
         logits = (logits + equalized_body_part_logits(model, config, view)) / 2
     return logits

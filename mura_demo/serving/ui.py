@@ -105,9 +105,7 @@ def model_markdown(predictor: Predictor) -> str:
     else:
         card = "model card: `weights/README.md` in the repository"
     validated = ", ".join(p for p in cfg.body_parts if cfg.validated[p]) or "none"
-    text = (
-        f"Model: `{cfg.architecture}` · weights: {loaded.source} · {card} · abnormality validated for: **{validated}**"
-    )
+    text = f"Model: `{cfg.model_name}` · weights: {loaded.source} · {card} · abnormality validated for: **{validated}**"
     if cfg.body_part_confirmation:  # the reason itself is in every reading's note: short here, so that on a
         # phone the reading stays in the first screen
         text += " · a detected body part needs your confirmation (one click) for a validated reading"

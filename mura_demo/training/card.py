@@ -220,7 +220,8 @@ def gate_story(config: ModelConfig, report: dict) -> str:
         if gate["confirmation_required"]
         else "it reaches 90%, so a detected part at or above the confidence level counts towards a validated reading"
     )
-    return f"""A separate run, trained exactly as the shipped one but with every MURA {part} image withheld, is scored
+    shipped = "shipped body-part network" if config.separate_body_part_network else "shipped one"
+    return f"""A separate run, trained exactly as the {shipped} but with every MURA {part} image withheld, is scored
 on those images: this project's stand-in for the MURA wrists, hands, fingers and shoulders it has never
 seen. It names **{test["accuracy"]:.1%}** of the {test["images"]} images of the {part} test share right
 ({called}), and {sel["accuracy"]:.1%} of the other {sel["images"]} (the share used for the choice below);
@@ -241,6 +242,129 @@ part, at the price of one click per reading. On this evidence the weights
 How the withheld run was made. {reproduce_story(gate["training"])}"""
 
 
+def recipe_story(settings: dict) -> str:
+    """How one network was trained, from its stored settings: the levers it used are named, no others."""
+    margin = settings.get("mask_margin")
+    margin = "" if margin is None else f"; the others stay in, lowered by {margin}"
+    levers = []
+    if settings.get("style"):
+        levers.append(
+            f"cross-source style randomisation (strength {settings['style']}: histogram matching between images, "
+            "equalisation, gamma, grey film base, harder contrast, resolution round trips, blur, tilted collimation "
+            "frames, burned-in side markers, noise)"
+        )
+    if settings.get("group_balance") is not None:
+        levers.append(f"draws balanced across source-and-part groups (size to the power {settings['group_balance']})")
+    if settings.get("crop_share"):
+        levers.append(
+            f"MURA-style views of other parts cut from the two ends of MURA forearm and humerus images "
+            f"({settings['crop_share']:.0%} of the draws; each end crop is right as either of the two parts its end "
+            "can show, elbow or wrist, elbow or shoulder)"
+        )
+    if settings.get("source_prior"):
+        levers.append(
+            f"in the body-part loss only, {settings['source_prior']} times the log of each source's body-part "
+            "distribution added to its images' logits, so that the prior, not the features, carries which parts a "
+            "source shows"
+        )
+    if settings.get("source_mask"):
+        levers.append(
+            "a source mask (each image's body-part softmax only over the arm parts its source shows in training, "
+            f"and other{margin})"
+        )
+    anatomy = (
+        "\nSo that the body part is read from the anatomy rather than from the look of the image's source: "
+        + "; ".join(levers)
+        + "."
+        if levers
+        else ""
+    )
+    return f"""Training: a phase on the heads over frozen features, then the network past its first
+{settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
+flip, zoom/shift and contrast augmentation, class-balanced losses (pos_weight per part). An exponential moving average
+of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
+two on the holdout's study-level AUROC is a candidate, and the best candidate is shipped.{anatomy}"""
+
+
+def network_story(training: dict) -> str:
+    """One network's training in words (an average's first run, and how the others differ)."""
+    return averaged_story(training) + recipe_story(training.get("settings", {}))
+
+
+def trained_parts(training: dict) -> list[str]:
+    """The parts whose abnormality a network was trained and calibrated on (its threshold rules)."""
+    return list(training.get("threshold_rules", {}))
+
+
+def architecture_sentence(config: ModelConfig) -> str:
+    classes = ", ".join(config.body_part_classes)
+    if not config.separate_body_part_network:
+        return (
+            f"One `{config.architecture}` backbone (ImageNet initialisation) at {config.input_size} px (letterboxed, "
+            f"aspect kept)\nwith two heads: a body-part head ({classes}) and one abnormality logit per MURA body part."
+        )
+    return (
+        f"Two `{config.architecture}` networks (ImageNet initialisation, each trained on its own) at "
+        f"{config.input_size} px (letterboxed, aspect kept),\none per question: the **body-part network** reads the "
+        f"body part ({classes}), the **abnormality network** one abnormality logit per MURA body part; neither "
+        "reads the other's head. The two are stored as int8 (wide conv and linear weights, one scale per output "
+        "channel; depthwise and stem filters float16) so that both fit the 10 MB budget, and every choice below "
+        "was made on the int8 numbers."
+    )
+
+
+def training_section(config: ModelConfig) -> str:
+    paired = config.training.get("paired")
+    if not paired:
+        return network_story(config.training)
+    body, abnormal = paired["body_part"], paired["abnormality"]
+    fewer = [p for p in trained_parts(config.training) if p not in trained_parts(abnormal["training"])]
+    transfer = (
+        f" It was trained on MURA {' and '.join(trained_parts(abnormal['training']))} only (its training data had "
+        f"no MURA {' or '.join(fewer)} images); its {' and '.join(fewer)} logit borrows those parts' mean weights, a "
+        "transfer guess, calibrated on the holdout."
+        if fewer
+        else ""
+    )
+    return (
+        f"**The body-part network** (version {body['version']}). {network_story(body['training'])}\n\n"
+        f"**The abnormality network** (version {abnormal['version']}).{transfer} {network_story(abnormal['training'])}"
+    )
+
+
+def epoch_minutes(training: dict) -> float:
+    runs = training.get("averaged") or [training]
+    return sum(run.get("seconds", 0) for run in runs) / 60
+
+
+def reproduce_section(config: ModelConfig) -> str:
+    """How the shipped folder was made: one run (or average), or the two networks and the `pair` that joined them."""
+    training = config.training
+    paired = training.get("paired")
+    if not paired:
+        return (
+            f"Training ({epoch_minutes(training):.0f} minutes of epochs; best epoch: {training.get('best_epoch')}). "
+            f"The run wrote its weights\nto `{training.get('settings', {}).get('export_dir')}`; the shipped folder is "
+            f"that export plus this card.\n{reproduce_story(training)}"
+        )
+    own = training["settings"]
+    joined = ["--body-part", paired["body_part"]["folder"], "--abnormality", paired["abnormality"]["folder"]]
+    joined += ["--version", own.get("version", ""), "--export-dir", str(own.get("export_dir"))]
+    if setting(own, "data_root") != TrainSettings.data_root:
+        joined += ["--data-root", own["data_root"]]
+    networks = "\n\n".join(
+        f"The {role.replace('_', '-')} network (version {net['version']}, weights `{net['folder']}`; "
+        f"{epoch_minutes(net['training']):.0f} minutes of epochs, best epoch: {net['training'].get('best_epoch')}). "
+        f"{reproduce_story(net['training'])}"
+        for role, net in paired.items()
+    )
+    return (
+        f"Two networks, joined by `pair` and finalized on the holdout; the shipped folder is its export plus this "
+        f"card. A network's command is the one on its own record, run by the code of its version.\n\n{networks}\n\n"
+        f"Joined:\n\n```\npython -m mura_demo pair {shlex.join(joined)}\n```"
+    )
+
+
 def write_model_card(folder: str | Path, report: dict) -> Path:
     """Write the card from an evaluation report and record what the figures decide in config.json."""
     folder = Path(folder)
@@ -249,30 +373,6 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     config.save(folder)
     body = report["body_part"]
     validated = [p for p in config.body_parts if config.validated[p]]
-    settings = config.training.get("settings", {})
-    runs = config.training.get("averaged") or [config.training]
-    minutes = sum(run.get("seconds", 0) for run in runs) / 60
-    margin = settings.get("mask_margin")
-    margin = "" if margin is None else f"; the others stay in, lowered by {margin}"
-    end_crop_lever = ""
-    if settings.get("crop_share"):
-        end_crop_lever = (
-            f", MURA-style views of other parts cut from the two ends of MURA forearm and humerus images "
-            f"({settings['crop_share']:.0%} of the draws; each end crop is right as either of the two parts its end "
-            "can show, elbow or wrist, elbow or shoulder)"
-        )
-    loss_levers = ""
-    if settings.get("source_prior"):
-        loss_levers += (
-            f"; in the body-part loss only, {settings['source_prior']} times the log of each source's body-part "
-            "distribution added to its images' logits, so that the prior, not the features, carries which parts a "
-            "source shows"
-        )
-    if settings.get("source_mask"):
-        loss_levers += (
-            "; a source mask (each image's body-part softmax only over the arm parts its source shows in training, "
-            f"and other{margin})"
-        )
     front = [
         "---",
         "license: other",
@@ -298,25 +398,15 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     loso_training = report.get("body_part_gate", {}).get("training", {})
     loso_folder = loso_training.get("settings", {}).get("export_dir", "runs/loso/weights")
     text = f"""
-# mura-demo: body-part-aware abnormality classifier ({config.architecture}, version {config.version})
+# mura-demo: body-part-aware abnormality classifier ({config.model_name}, version {config.version})
 
 **Research and teaching only. Not a medical device; never use it for diagnosis or any clinical decision.**
 
-One `{config.architecture}` backbone (ImageNet initialisation) at {config.input_size} px (letterboxed, aspect kept)
-with two heads: a body-part head ({", ".join(config.body_part_classes)}) and one abnormality logit per MURA body part.
+{architecture_sentence(config)}
 The abnormality reading uses the logit of the detected (or user-chosen) part, at that part's threshold.
 {inference_story(config)}.
 
-{averaged_story(config.training)}Training: a phase on the heads over frozen features, then the network past its first
-{settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
-flip, zoom/shift and contrast augmentation, class-balanced losses (pos_weight per part). An exponential moving average
-of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
-two on the holdout's study-level AUROC is a candidate, and the best candidate is shipped.
-So that the body part is read from the anatomy rather than from the look of the image's source: cross-source
-style randomisation (strength {settings.get("style", 0)}: histogram matching between images, equalisation,
-gamma, grey film base, harder contrast, resolution round trips, blur, tilted collimation frames, burned-in side
-markers, noise), draws balanced across source-and-part groups (size to the power
-{settings.get("group_balance")}){end_crop_lever}{loss_levers}.
+{training_section(config)}
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
@@ -364,9 +454,7 @@ holdout's patients in half, each rule set its threshold on one half and was scor
 threshold on the whole holdout. {threshold_story(config)}
 
 ## Reproduce
-Training ({minutes:.0f} minutes of epochs; best epoch: {config.training.get("best_epoch")}). The run wrote its weights
-to `{settings.get("export_dir")}`; the shipped folder is that export plus this card.
-{reproduce_story(config.training)}
+{reproduce_section(config)}
 
 Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix; with `--card`, this card and
 the decisions above in `config.json`):

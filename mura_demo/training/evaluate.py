@@ -21,7 +21,7 @@ from ..core.config import OTHER, ModelConfig
 from ..core.inference import score_body_parts, score_images
 from ..core.model import create_model
 from ..core.preprocess import normalize
-from ..core.weights import load_model
+from ..core.weights import load_model, round_as_stored
 from .data import Sample, abnormality_rows, end_crops, group_of, is_withheld, load_images, load_splits, patients_of
 from .metrics import auroc, bootstrap_ci, cohen_kappa, cross_validated_threshold, roc_curve, study_scores
 from .settings import EvalSettings
@@ -226,9 +226,11 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     gives the headline figure and how often misrouted views clear the level. Below LOSO_TRUST a
     confident detection cannot be trusted either, so the shipped weights then ask the user to confirm.
     The shipped model's held-out images say how many correct detections clear the level. The withheld run reads
-    the body part the way the shipped weights do (with or without the equalised view), or it would stand in for
-    another reading."""
+    the body part the way the shipped weights do (with or without the equalised view; at int8 where they store
+    their networks so), or it would stand in for another reading."""
     loso = load_model(settings.loso_weights)
+    if config.separate_body_part_network:
+        round_as_stored(loso.model, int8=True)
     reading = dataclasses.replace(loso.config, body_part_equalized_view=config.body_part_equalized_view)
     spec = loso.config.training.get("settings", {}).get("withhold")
     if not spec:

@@ -37,7 +37,7 @@ from ..core.config import OTHER, ModelConfig
 from ..core.inference import score_body_parts, score_images
 from ..core.model import MuraNet, create_model
 from ..core.preprocess import normalize
-from ..core.weights import load_folder, save_weights
+from ..core.weights import load_folder, round_as_stored, save_weights
 from .augment import augment, randomize_style
 from .data import (
     Sample,
@@ -513,6 +513,8 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     loaded = [load_folder(folder) for folder in folders]
     first = loaded[0][1]
     withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
+    if any(c.separate_body_part_network for _, c in loaded):
+        raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
     if len(withheld) > 1 or any((c.architecture, c.input_size) != (first.architecture, first.input_size)
                                 for _, c in loaded):  # fmt: skip
         raise ValueError("only runs of one architecture, input size and withheld part can be averaged")
@@ -523,20 +525,55 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
     model = create_model(config)
     model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
-    out = Path(settings.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(model_tensors(model), out / "best.safetensors")
-    model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device
-    splits = load_splits(settings.data_root)
-    holdout = withhold(splits["holdout"], settings.withhold)
     runs = [
         {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"), "share": w,
          "seconds": c.training.get("seconds", 0.0), "settings": c.training.get("settings", {})}
         for f, (_, c), w in zip(folders, loaded, shares)
     ]  # fmt: skip
     meta = {"best_epoch": f"the average of {len(runs)} runs", "history": [], "averaged": runs}
-    losses = Losses(config, withhold(splits["train"], settings.withhold))
-    images = load_images(holdout, config.input_size)
+    return finalize_on_holdout(settings, model, meta)
+
+
+def pair_networks(body_part_folder: str, abnormality_folder: str, settings: TrainSettings) -> ModelConfig:
+    """One model from two trained networks: the body part read by the first, the abnormality by the second (a
+    :class:`BodyPartPair`). Stored as int8 to keep both networks within the weights budget, it is rounded to
+    int8 first and then finalized on the holdout like a run (flip, body-part input size and view, thresholds), so
+    that every choice is made on the numbers that ship. ``settings`` gives the data root, folders and version.
+    """
+    (body_net, body_cfg), (abnormal_net, abnormal_cfg) = load_folder(body_part_folder), load_folder(abnormality_folder)
+    shared = ("architecture", "input_size", "mean", "std", "body_parts")
+    if body_cfg.separate_body_part_network or abnormal_cfg.separate_body_part_network:
+        raise ValueError("pair two single networks, not a pair")
+    if any(getattr(body_cfg, k) != getattr(abnormal_cfg, k) for k in shared):
+        raise ValueError(f"the two networks must agree on {', '.join(shared)}")
+    if any(c.training.get("settings", {}).get("withhold") for c in (body_cfg, abnormal_cfg)):
+        raise ValueError("a network trained with a source withheld is a leave-one-source-out twin: not for serving")
+    config = ModelConfig(**{k: getattr(body_cfg, k) for k in shared}, version=settings.version,
+                         separate_body_part_network=True,
+                         cam_layer=f"abnormality.{abnormal_cfg.cam_layer}")  # fmt: skip
+    model = create_model(config)
+    model.body_part.load_state_dict(body_net.state_dict())
+    model.abnormality.load_state_dict(abnormal_net.state_dict())
+    round_as_stored(model, int8=True)
+    paired = {
+        role: {"folder": str(folder), "version": c.version, "training": c.training}
+        for role, folder, c in (("body_part", body_part_folder, body_cfg), ("abnormality", abnormality_folder,
+                                                                           abnormal_cfg))
+    }  # fmt: skip
+    meta = {"best_epoch": "each network's own", "history": [], "paired": paired}
+    return finalize_on_holdout(settings, model, meta)
+
+
+def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: dict) -> ModelConfig:
+    """Finalize a model made of trained weights (an average, a pair) on the holdout of ``settings.data_root``."""
+    out = Path(settings.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model_tensors(model), out / "best.safetensors")
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device
+    splits = load_splits(settings.data_root)
+    holdout = withhold(splits["holdout"], settings.withhold)
+    losses = Losses(model.config, withhold(splits["train"], settings.withhold))
+    images = load_images(holdout, model.config.input_size)
     return finalize(settings, model, out / "best.safetensors", holdout, images, losses, meta)
 
 
@@ -603,10 +640,11 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
     }
-    if "averaged" in meta:
-        config.training["averaged"] = meta["averaged"]
+    for key in ("averaged", "paired"):
+        if key in meta:
+            config.training[key] = meta[key]
     if settings.export_dir:
-        save_weights(model, config, settings.export_dir)
+        save_weights(model, config, settings.export_dir, int8=config.separate_body_part_network)
         print(f"exported to {settings.export_dir}")
     return config
 

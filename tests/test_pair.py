@@ -1,0 +1,138 @@
+"""A body-part pair (one network per head) and the int8 storage that keeps two networks within the budget.
+
+These run on freshly built networks and synthetic inputs: no shared data, no trained weights needed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mura_demo.core.config import WEIGHTS_NAME, ModelConfig
+from mura_demo.core.inference import model_logits, score_body_parts
+from mura_demo.core.model import BodyPartPair, MuraNet, create_model
+from mura_demo.core.weights import (
+    SCALE_SUFFIX,
+    WeightsError,
+    load_folder,
+    round_as_stored,
+    save_weights,
+)
+
+
+def pair_config(**changes) -> ModelConfig:
+    return ModelConfig(input_size=64, separate_body_part_network=True, cam_layer="abnormality.backbone.bn2",
+                       trained=True, **changes)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair() -> BodyPartPair:
+    torch.manual_seed(0)
+    model = create_model(pair_config())
+    with torch.no_grad():  # heads that answer differently, so that mixing them up would show
+        for head in (model.body_part.abnormality_head, model.abnormality.body_part_head):
+            head.weight.normal_(std=1.0)
+    return model.eval()
+
+
+def test_each_head_is_answered_by_its_own_network(pair):
+    x = torch.randn(2, 3, 64, 64)
+    config = pair.config
+    with torch.no_grad():
+        row = pair(x)
+        body, _ = config.split_logits(pair.body_part(x))
+        _, abnormal = config.split_logits(pair.abnormality(x))
+    assert torch.allclose(row, torch.cat([body, abnormal], 1))
+    assert isinstance(pair.body_part, MuraNet) and pair.abnormality_head is pair.abnormality.abnormality_head
+    # routing on the body part runs the body-part network alone
+    ran = []
+    handles = [net.backbone.register_forward_hook(lambda _m, _a, _o, n=name: ran.append(n))
+               for name, net in (("body_part", pair.body_part), ("abnormality", pair.abnormality))]  # fmt: skip
+    try:
+        images = torch.randint(0, 255, (2, 1, 64, 64), dtype=torch.uint8)
+        score_body_parts(pair, config, images)
+        assert set(ran) == {"body_part"}
+        ran.clear()
+        model_logits(pair, config, x)
+        assert set(ran) == {"body_part", "abnormality"}
+    finally:
+        for handle in handles:
+            handle.remove()
+    # an abnormality logit's gradient (what every map explains) reaches the abnormality network only
+    x.requires_grad_(True)
+    pair.zero_grad()
+    for p in pair.parameters():
+        p.requires_grad_(True)
+    pair(x)[:, config.abnormality_index("forearm")].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in pair.body_part.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in pair.abnormality.parameters())
+    assert x.grad.abs().sum() > 0
+
+
+def test_a_pair_s_maps_are_its_abnormality_network_s(pair):
+    """The shared pass explains the pair's abnormality logit as the library's own classes do; the methods that
+    run passes of their own run the abnormality network alone, with the same answer."""
+    from pytorch_grad_cam import EigenCAM, GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from mura_demo.core.explain import explain
+
+    x = torch.randn(1, 3, 64, 64)
+    column = pair.config.abnormality_index("humerus")
+    layer = pair.get_submodule(pair.config.cam_layer)
+    logits, maps = explain(pair, layer, x, lambda _logits: column, ("gradcam", "eigencam"))
+    with torch.no_grad():
+        assert torch.allclose(logits, pair(x), atol=1e-5)
+    for method, cls in (("gradcam", GradCAM), ("eigencam", EigenCAM)):
+        with cls(pair, [layer]) as cam:
+            expected = cam(x, [ClassifierOutputTarget(column)])[0]
+        assert abs(maps[method] - expected).max() < 1e-4, method
+
+
+def test_a_pair_is_made_of_trained_networks_and_explains_its_abnormality_network():
+    with pytest.raises(ValueError, match="train each alone"):
+        create_model(pair_config(), imagenet_init="pypi")
+    with pytest.raises(ValueError, match="explains its abnormality network"):
+        ModelConfig.from_dict(pair_config().to_dict() | {"cam_layer": "body_part.backbone.bn2"})
+
+
+def test_int8_storage_is_small_strict_and_what_was_scored(pair, tmp_path):
+    """int8 keeps the wide weights in a quarter of float32's bytes; loading gives back exactly the numbers
+    ``round_as_stored`` scored, and storing those again stores the same file."""
+    half, int8 = tmp_path / "half", tmp_path / "int8"
+    save_weights(pair, pair.config, half)
+    save_weights(pair, pair.config, int8, int8=True)
+    assert (int8 / WEIGHTS_NAME).stat().st_size < 0.6 * (half / WEIGHTS_NAME).stat().st_size
+    tensors = load_file(int8 / WEIGHTS_NAME)
+    wide = "abnormality.backbone.conv_head.weight"
+    assert tensors[wide].dtype == torch.int8 and tensors[wide + SCALE_SUFFIX].shape == (tensors[wide].shape[0],)
+    assert tensors["abnormality.backbone.conv_stem.weight"].dtype == torch.float16  # 27 weights a filter: kept
+    loaded, _ = load_folder(int8)
+    rounded = create_model(pair.config)
+    rounded.load_state_dict(pair.state_dict())
+    round_as_stored(rounded, int8=True)
+    for key, value in rounded.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    again = tmp_path / "again"
+    save_weights(loaded, pair.config, again, int8=True)
+    assert all(torch.equal(v, load_file(again / WEIGHTS_NAME)[k]) for k, v in tensors.items())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), rounded.eval()(x), atol=1e-5)  # loaded channels-last: same numbers
+
+
+def test_int8_tensors_without_their_scales_are_refused(pair, tmp_path):
+    save_weights(pair, pair.config, tmp_path, int8=True)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    wide = "body_part.backbone.conv_head.weight"
+    tensors.pop(wide + SCALE_SUFFIX)
+    tensors["body_part.backbone.bn2.bias" + SCALE_SUFFIX] = torch.ones(1)
+    tensors["abnormality.backbone.conv_head.weight" + SCALE_SUFFIX] = torch.ones(3)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(WeightsError) as err:
+        load_folder(tmp_path)
+    message = str(err.value)
+    assert f"missing: {wide}{SCALE_SUFFIX}" in message
+    assert f"unexpected: body_part.backbone.bn2.bias{SCALE_SUFFIX}" in message
+    assert f"wrong shape: abnormality.backbone.conv_head.weight{SCALE_SUFFIX}" in message
