@@ -35,6 +35,19 @@ def test_metrics_follow_sklearn_and_handle_the_edges(scored):
     assert cohen_kappa([1, 1, 1], [1, 1, 1]) == 1.0  # full agreement on one label
 
 
+def test_kappa_is_sklearns_for_any_labels():
+    rng = np.random.default_rng(0)
+    for classes in (2, 3, 8):
+        a = rng.integers(0, classes, 200)
+        b = np.where(rng.random(200) < 0.6, a, rng.integers(0, classes, 200))
+        assert cohen_kappa(a, b) == pytest.approx(sk.cohen_kappa_score(a, b), abs=1e-12)
+    one_label = np.zeros(50, dtype=int)  # one rater constant, the other not: kappa 0, as scikit-learn says
+    assert cohen_kappa(one_label, rng.integers(0, 2, 50)) == pytest.approx(0.0, abs=1e-12)
+    assert cohen_kappa(["x", "y", "y"], ["x", "y", "x"]) == pytest.approx(
+        sk.cohen_kappa_score(["x", "y", "y"], ["x", "y", "x"])
+    )
+
+
 def test_threshold_metrics_match_sklearn(scored):
     y, s = scored
     pred = (s >= 0.55).astype(int)
