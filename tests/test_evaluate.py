@@ -138,6 +138,7 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
     # the bundled weights' runs used no end crops and neither loss lever, so the card names none; with them on, all
     assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
+    assert "the body-part loss alone" not in card
     paired = config["training"].get("paired")
     if paired:  # a pair's card tells each network's training and how the two were joined
         body, abnormal = paired["body_part"], paired["abnormality"]
@@ -146,12 +147,15 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
         assert f"python -m mura_demo pair --body-part {body['folder']} --abnormality {abnormal['folder']}" in card
         assert "shipped body-part network but with every MURA elbow image withheld" in card
     record = paired["body_part"]["training"] if paired else config["training"]
-    record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2}
+    record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2,
+                           "body_part_only": True}  # fmt: skip
     (weights / "config.json").write_text(json.dumps(config))
     write_model_card(weights, report | {"n_boot": settings.n_boot})
     card = (weights / "README.md").read_text()
     assert "a source mask (each image's body-part softmax" in card and "the others stay in, lowered by 3.0" in card
     assert "0.5 times the log of each source's body-part distribution" in card and "(20% of the draws;" in card
+    assert "the body-part loss alone" in card and "mean body-part accuracy over its source-and-part" in card
+    assert "--body-part-only" in card
     # and the card of one network, as a training run writes it
     single = shutil.copytree(bundled_networks(tmp_path / "nets")[0], tmp_path / "single")
     write_model_card(single, report | {"n_boot": settings.n_boot})
@@ -219,5 +223,10 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224}, body)
     with pytest.raises(ValueError, match="must agree on architecture, input_size"):
         pair_networks(str(smaller), str(abnormal), settings)
+    body_only = doctored_weights(
+        tmp_path / "alone", "elbow", {"training": {"settings": {"body_part_only": True}}}, body
+    )
+    with pytest.raises(ValueError, match="trained for the body part alone: it cannot read the abnormality"):
+        pair_networks(str(elbow), str(body_only), settings)
     with pytest.raises(ValueError, match="only single networks can be averaged"):
         average_runs([settings.export_dir, settings.export_dir], settings)

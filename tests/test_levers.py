@@ -88,6 +88,25 @@ def test_a_candidate_set_is_right_with_any_of_its_parts():
     assert float(first) > -float(weights[0]) * math.log(p_other_class)  # CE of forearm, plus the abnormality BCE
 
 
+def test_the_body_part_alone_teaches_no_abnormality():
+    """Without the abnormality loss the abnormality logits get no gradient and the body part's is unchanged."""
+    config = ModelConfig()
+    samples = [sample(["forearm"], abnormal=1), sample(["humerus"]), sample(["hand"], "unifesp", None)]
+    index = torch.tensor([0, 1, 2])
+
+    def grads(losses: Losses) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.randn(3, config.num_outputs, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        losses(logits, index).backward()
+        return config.split_logits(logits.grad)
+
+    (bp_both, ab_both), (bp_alone, ab_alone) = (
+        grads(Losses(config, samples)),
+        grads(Losses(config, samples, abnormality=False)),
+    )
+    assert ab_both.abs().sum() > 0 and torch.equal(ab_alone, torch.zeros_like(ab_alone))
+    assert torch.allclose(bp_alone, bp_both)
+
+
 def test_the_two_ends_of_one_image_are_scored_as_a_pair():
     """Calling both ends of a forearm "elbow" is right for each crop alone but wrong for the pair."""
     config = ModelConfig()

@@ -12,7 +12,7 @@ import torch
 from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
-from mura_demo.core.weights import load_model
+from mura_demo.core.weights import WeightsError, load_model
 from mura_demo.serving.predictor import Predictor
 from mura_demo.training.train import TrainSettings, train
 
@@ -63,17 +63,26 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
 
 
 def test_the_body_part_levers_train(tmp_path, imagenet_init):
-    """Style randomisation, group-balanced draws, end crops and the source mask, with MURA elbows withheld: a
-    short run trains on none of the withheld images and records the levers it used; a spent time budget stops
-    it after its first epoch, and the best epoch so far is still exported."""
+    """Style randomisation, group-balanced draws, end crops, the source mask and the body part alone, with MURA
+    elbows withheld: a short run trains on none of the withheld images and records the levers it used; a spent
+    time budget stops it after its first epoch, and the best epoch so far is still exported. Trained for the body
+    part alone, its epochs are chosen by body part, it gets no abnormality thresholds, and it is refused for
+    serving but read where only the body part is."""
     settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, group_balance=0.5, crop_share=0.2,
-                              withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0)  # fmt: skip
+                              withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0,
+                              body_part_only=True)  # fmt: skip
     train(settings)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
     used = config["training"]["settings"]
     assert (used["style"], used["group_balance"], used["crop_share"], used["withhold"]) == (1.0, 0.5, 0.2, "mura:elbow")
-    assert used["source_mask"] is True and config["training"]["epochs_run"] == 1
+    assert used["source_mask"] is True and used["body_part_only"] is True and config["training"]["epochs_run"] == 1
     assert not any(g.startswith("mura/elbow") for g in config["metrics"]["holdout"]["body_part_by_group"])
+    (row,) = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]
+    assert row["holdout_score"] == row["holdout_body_part_accuracy"] != row["holdout_auroc_forearm"]
+    assert config["metrics"]["holdout"]["study_level"] == {}
+    with pytest.raises(WeightsError, match="trained for the body part alone"):
+        load_model(str(tmp_path / "weights"))
+    assert not load_model(str(tmp_path / "weights"), body_part_alone=True).config.reads_abnormality
 
 
 def test_refuses_to_train_from_scratch(tmp_path):

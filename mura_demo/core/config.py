@@ -62,6 +62,12 @@ class ModelConfig:
         """Width of the model's output: body-part logits, then one abnormality logit per part."""
         return len(self.body_part_classes) + len(self.body_parts)
 
+    @property
+    def reads_abnormality(self) -> bool:
+        """False for a network trained for the body part alone (`train --body-part-only`): its abnormality head
+        never learnt, so it serves only as the body-part half of a pair."""
+        return not self.training.get("settings", {}).get("body_part_only", False)
+
     def abnormality_index(self, body_part: str) -> int:
         """Column of the model output holding ``body_part``'s abnormality logit."""
         return len(self.body_part_classes) + self.body_parts.index(body_part)

@@ -197,8 +197,12 @@ def round_as_stored(model: torch.nn.Module, int8: bool = False) -> None:
             value.copy_(value.half())
 
 
-def load_model(spec: str | None = None, bundled: str | Path = BUNDLED, require_trained: bool = True) -> LoadedModel:
+def load_model(
+    spec: str | None = None, bundled: str | Path = BUNDLED, require_trained: bool = True, body_part_alone=False
+) -> LoadedModel:
     """Load the weights named by ``spec`` (or $MURA_DEMO_WEIGHTS, or the bundled folder).
+
+    ``body_part_alone``: only the body part will be read, so a network trained for it alone is accepted.
 
     A Hub spec that cannot be used falls back to the bundled weights when they exist, with a
     notice saying so; a local folder that cannot be used is an error.
@@ -215,7 +219,7 @@ def load_model(spec: str | None = None, bundled: str | Path = BUNDLED, require_t
             folder, revision = download_from_hub(spec)
             model, config = load_folder(folder)
             loaded = LoadedModel(model, config, f"{spec.split('@')[0]}@{revision}", revision)
-            return check_trained(loaded, require_trained)
+            return check_trained(loaded, require_trained, body_part_alone)
         except WeightsError as err:
             if not (Path(bundled) / WEIGHTS_NAME).is_file():
                 raise
@@ -224,15 +228,20 @@ def load_model(spec: str | None = None, bundled: str | Path = BUNDLED, require_t
     model, config = load_folder(spec)
     where = "bundled weights/" if Path(spec).resolve() == Path(bundled).resolve() else spec
     loaded = LoadedModel(model, config, f"{where} (version {config.version})", config.version, notice)
-    return check_trained(loaded, require_trained)
+    return check_trained(loaded, require_trained, body_part_alone)
 
 
-def check_trained(loaded: LoadedModel, require_trained: bool) -> LoadedModel:
+def check_trained(loaded: LoadedModel, require_trained: bool, body_part_alone: bool = False) -> LoadedModel:
     """Refuse weights that were never trained: they must not be presented as a diagnosis."""
     if require_trained and not loaded.config.trained:
         raise WeightsError(
             f"The weights in {loaded.source} are not a trained model (config.json says trained: false). "
             "Train them with `python -m mura_demo train` (see README) before serving."
+        )
+    if require_trained and not body_part_alone and not loaded.config.reads_abnormality:
+        raise WeightsError(
+            f"The weights in {loaded.source} were trained for the body part alone (train --body-part-only): their "
+            "abnormality head never learnt. Join them with an abnormality network (`python -m mura_demo pair`)."
         )
     return loaded
 

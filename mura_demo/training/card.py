@@ -279,11 +279,17 @@ def recipe_story(settings: dict) -> str:
         if levers
         else ""
     )
+    if settings.get("body_part_only"):
+        losses = "the body-part loss alone (class-balanced; no abnormality loss: the network reads only the body part)"
+        judged = "mean body-part accuracy over its source-and-part groups"
+    else:
+        losses = "class-balanced losses (pos_weight per part)"
+        judged = "study-level AUROC"
     return f"""Training: a phase on the heads over frozen features, then the network past its first
 {settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
-flip, zoom/shift and contrast augmentation, class-balanced losses (pos_weight per part). An exponential moving average
+flip, zoom/shift and contrast augmentation, {losses}. An exponential moving average
 of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
-two on the holdout's study-level AUROC is a candidate, and the best candidate is shipped.{anatomy}"""
+two on the holdout's {judged} is a candidate, and the best candidate is shipped.{anatomy}"""
 
 
 def network_story(training: dict) -> str:

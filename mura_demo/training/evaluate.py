@@ -228,7 +228,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     The shipped model's held-out images say how many correct detections clear the level. The withheld run reads
     the body part the way the shipped weights do (with or without the equalised view; at int8 where they store
     their networks so), or it would stand in for another reading."""
-    loso = load_model(settings.loso_weights)
+    loso = load_model(settings.loso_weights, body_part_alone=True)
     if config.separate_body_part_network:
         round_as_stored(loso.model, int8=True)
     reading = dataclasses.replace(loso.config, body_part_equalized_view=config.body_part_equalized_view)

@@ -35,6 +35,7 @@ class TrainSettings:
     source_prior: float = 0.0  # body-part loss: add this times log P(part | source) to the logits (0: off)
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
+    body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
     time_budget: float | None = None  # minutes: start no epoch after this (one always runs), export the best so far
     limit: int | None = None  # smoke runs: at most this many train and holdout images
     max_steps: int | None = None  # smoke runs: at most this many steps per epoch

@@ -130,6 +130,9 @@ class Losses:
     With ``mask_margin`` = m, those parts stay in the softmax with their logits lowered by m: weak negative evidence
     (each such part's gradient scaled by about e^-m), so a part a source never shows is still pushed down a little on
     that source's images instead of being left free.
+
+    Without ``abnormality`` the loss is the body part's alone: a network that reads only the body part, for a
+    :class:`BodyPartPair`, spends none of its features on abnormality.
     """
 
     def __init__(
@@ -140,8 +143,10 @@ class Losses:
         source_prior: float = 0.0,
         source_mask: bool = False,
         mask_margin: float | None = None,
+        abnormality: bool = True,
     ):
         self.config = config
+        self.abnormality = abnormality
         targets = body_part_targets(samples, config.body_part_classes)
         self.adjust = torch.zeros_like(targets)
         if source_prior:
@@ -185,7 +190,7 @@ class Losses:
         bp_loss = self.body_part_loss(F.log_softmax(bp_logits + adjust, 1), index.to(logits.device))
         part = self.part[index].to(logits.device)
         has = part >= 0
-        if not has.any():
+        if not self.abnormality or not has.any():
             return bp_loss + 0.0 * ab_logits.sum()
         chosen = ab_logits[has].gather(1, part[has, None])[:, 0]
         y = self.abnormal[index].to(logits.device)[has]
@@ -238,11 +243,14 @@ def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch
     return out
 
 
-def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor) -> dict:
+def holdout_report(
+    config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor, by_body_part=False
+) -> dict:
     """Study-level AUROC per part with labels, and body-part accuracy, on the holdout.
 
     ``body_part_accuracy`` is the mean of the per-group accuracies (source and part), so the
     thousands of MURA forearm and humerus images cannot hide a failing group of a few dozen.
+    The ``score`` that chooses epochs is the mean AUROC, or with ``by_body_part`` that accuracy.
     """
     report: dict = {
         "auroc": {part: auroc(y, p) for part, (_, y, p) in part_study_scores(config, samples, ab_prob).items()}
@@ -250,6 +258,8 @@ def holdout_report(config: ModelConfig, samples: list[Sample], bp_prob: torch.Te
     report["body_part_by_group"] = body_part_by_group(config, samples, bp_prob)
     report["body_part_accuracy"] = float(np.mean([g["accuracy"] for g in report["body_part_by_group"].values()]))
     report["score"] = float(np.mean(list(report["auroc"].values()))) if report["auroc"] else 0.0
+    if by_body_part:
+        report["score"] = report["body_part_accuracy"]
     return report
 
 
@@ -339,7 +349,15 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
         holdout,
         load_images(train_set, config.input_size),
         load_images(holdout, config.input_size),
-        Losses(config, train_set, draws, settings.source_prior, settings.source_mask, settings.mask_margin),
+        Losses(
+            config,
+            train_set,
+            draws,
+            settings.source_prior,
+            settings.source_mask,
+            settings.mask_margin,
+            abnormality=not settings.body_part_only,
+        ),
         draws,
         steps,
     )
@@ -360,10 +378,16 @@ def epoch_order(data: TrainingData, settings: TrainSettings, dist: Distributed, 
     return pairs[pairs >= 0][:n]
 
 
-def holdout_row(model, ema, config, data: TrainingData, phase: str, epoch: int) -> tuple[dict, dict, MuraNet, str]:
+def holdout_row(
+    model, ema, config, data: TrainingData, phase: str, epoch: int, by_body_part: bool
+) -> tuple[dict, dict, MuraNet, str]:
     """Score the epoch's weights (and their moving average) on the holdout: the history row, the better
     report, and the candidate it came from with its label."""
-    report = holdout_report(config, data.holdout, *score_images(model, config, data.holdout_images))
+
+    def report_of(net: MuraNet) -> dict:
+        return holdout_report(config, data.holdout, *score_images(net, config, data.holdout_images), by_body_part)
+
+    report = report_of(model)
     row = {
         "phase": phase,
         "epoch": epoch,
@@ -373,7 +397,7 @@ def holdout_row(model, ema, config, data: TrainingData, phase: str, epoch: int) 
     }
     candidate, label = model, f"{phase} {epoch}"
     if ema is not None:
-        ema_report = holdout_report(config, data.holdout, *score_images(ema.module, config, data.holdout_images))
+        ema_report = report_of(ema.module)
         row["holdout_score_ema"] = ema_report["score"]
         if ema_report["score"] > report["score"]:
             report, candidate, label = ema_report, ema.module, f"{label} (EMA)"
@@ -461,7 +485,8 @@ def train(settings: TrainSettings) -> MuraNet:
                     ema.update(model)
                 running += loss.item()
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
-            row, report, candidate, label = holdout_row(model, ema, config, data, phase, epoch + 1)
+            by_body_part = settings.body_part_only
+            row, report, candidate, label = holdout_row(model, ema, config, data, phase, epoch + 1, by_body_part)
             row |= {"train_loss": running / steps, "seconds": time.time() - t_epoch}
             meta["history"].append(row)
             improved = report["score"] > meta["best_score"]
@@ -544,6 +569,8 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
     shared = ("architecture", "input_size", "mean", "std", "body_parts")
     if body_cfg.separate_body_part_network or abnormal_cfg.separate_body_part_network:
         raise ValueError("pair two single networks, not a pair")
+    if not abnormal_cfg.reads_abnormality:
+        raise ValueError(f"{abnormality_folder} was trained for the body part alone: it cannot read the abnormality")
     if any(getattr(body_cfg, k) != getattr(abnormal_cfg, k) for k in shared):
         raise ValueError(f"the two networks must agree on {', '.join(shared)}")
     if any(c.training.get("settings", {}).get("withhold") for c in (body_cfg, abnormal_cfg)):
@@ -586,7 +613,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     for flip in (False, True):
         config.test_time_flip = flip
         probs = score_images(model, config, holdout_images)
-        scores[flip] = (holdout_report(config, holdout, *probs)["score"], probs)
+        scores[flip] = (holdout_report(config, holdout, *probs, settings.body_part_only)["score"], probs)
     config.test_time_flip = scores[True][0] > scores[False][0]
     bp_prob, ab_prob = scores[config.test_time_flip][1]
     bp_probs = {config.input_size: bp_prob}
@@ -604,7 +631,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         chosen = equalized
     holdout_metrics, threshold_rules = {}, {}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
-        if part not in losses.parts_with_labels:
+        if part not in losses.parts_with_labels or settings.body_part_only:  # an untrained head gets no thresholds
             continue
         config.thresholds[part], threshold_rules[part] = cross_validated_threshold(y, p, patients_of(holdout, studies))
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
