@@ -198,7 +198,7 @@ def round_as_stored(model: torch.nn.Module, int8: bool = False) -> None:
 
 
 def load_model(
-    spec: str | None = None, bundled: str | Path = BUNDLED, require_trained: bool = True, body_part_alone=False
+    spec: str | None = None, bundled: str | Path = BUNDLED, require_trained: bool = True, body_part_alone: bool = False
 ) -> LoadedModel:
     """Load the weights named by ``spec`` (or $MURA_DEMO_WEIGHTS, or the bundled folder).
 

@@ -244,7 +244,7 @@ def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch
 
 
 def holdout_report(
-    config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor, by_body_part=False
+    config: ModelConfig, samples: list[Sample], bp_prob: torch.Tensor, ab_prob: torch.Tensor, by_body_part: bool = False
 ) -> dict:
     """Study-level AUROC per part with labels, and body-part accuracy, on the holdout.
 
@@ -485,8 +485,9 @@ def train(settings: TrainSettings) -> MuraNet:
                     ema.update(model)
                 running += loss.item()
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
-            by_body_part = settings.body_part_only
-            row, report, candidate, label = holdout_row(model, ema, config, data, phase, epoch + 1, by_body_part)
+            row, report, candidate, label = holdout_row(
+                model, ema, config, data, phase, epoch + 1, settings.body_part_only
+            )
             row |= {"train_loss": running / steps, "seconds": time.time() - t_epoch}
             meta["history"].append(row)
             improved = report["score"] > meta["best_score"]
