@@ -15,21 +15,30 @@ prior (the mean of the two sources' priors) added to the body-part logits: a net
         --group-balance 0.5 --source-prior 1
     python -m benchmarks.body_part_probe runs/p8/weights --inference-prior 0 0.5 1
 
-``--equalized-view`` scores the body part again from the histogram-equalised image alone, and from the mean of
-its and the plain image's probabilities: equalising hides some of a source's look (its grey levels) without
-touching the anatomy, so it asks whether an inference-time view, with no training, helps the withheld part.
+``--equalized-view`` scores the body part again from the plain view, the histogram-equalised view alone, and the
+mean of their logits (what serving reads when the config asks for the equalised view): equalising hides some of a
+source's look (its grey levels) without touching the anatomy, so it asks whether an inference-time view, with no
+training, helps the withheld part.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
 
-from mura_demo.core.inference import score_body_parts, score_images
+from mura_demo.core.inference import (
+    batched,
+    body_part_logits,
+    body_part_view,
+    equalized_body_part_logits,
+    eval_mode,
+    score_body_parts,
+    score_images,
+)
 from mura_demo.core.malloc import tune_for_batch_work
-from mura_demo.core.preprocess import equalize
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
 from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
@@ -42,6 +51,22 @@ def mixed_log_prior(config, settings: dict, train: list) -> torch.Tensor:
     draws = draw_weights(train, TrainSettings(group_balance=settings["group_balance"]))
     priors = source_log_priors(train, body_part_targets(train, config.body_part_classes), draws)
     return torch.stack([p.exp() for p in priors.values()]).mean(0).log()
+
+
+@torch.inference_mode()
+def body_part_views(model, config, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Body-part probabilities from the plain view, the equalised view alone and the mean of their logits,
+    each computed by the functions serving uses."""
+    plain_config = dataclasses.replace(config, body_part_equalized_view=False)
+    views: dict[str, list[torch.Tensor]] = {"plain": [], "equalized": [], "mean": []}
+    with eval_mode(model):
+        for x in batched(images, config, next(model.parameters()).device, batch_size):
+            view = body_part_view(config, x)
+            plain = body_part_logits(model, plain_config, view)
+            eq = equalized_body_part_logits(model, config, view)
+            for name, logits in (("plain", plain), ("equalized", eq), ("mean", (plain + eq) / 2)):
+                views[name].append(logits.float().cpu().softmax(1))
+    return {name: torch.cat(probs) for name, probs in views.items()}
 
 
 def main() -> None:
@@ -87,12 +112,10 @@ def main() -> None:
             out["inference_prior"][strength] = row
     if args.equalized_view:
         out["equalized_view"] = {}
-        for name, samples, images, plain in (("holdout", holdout, holdout_images, bp),
-                                             ("withheld", withheld, withheld_images, withheld_bp)):  # fmt: skip
+        for name, samples, images in (("holdout", holdout, holdout_images), ("withheld", withheld, withheld_images)):
             if not samples:
                 continue
-            eq = score_body_parts(model, config, (equalize(images.float() / 255) * 255).round().to(torch.uint8))
-            for view, probs in (("equalized", eq), ("mean", (eq + plain) / 2)):
+            for view, probs in body_part_views(model, config, images).items():
                 row = out["equalized_view"].setdefault(view, {})
                 if name == "holdout":
                     row |= {g: v["accuracy"] for g, v in body_part_by_group(config, holdout, probs).items()}

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from mura_demo.core.weights import WeightsError, load_model
 from mura_demo.serving.predictor import Predictor
+from mura_demo.training.card import network_story
 from mura_demo.training.train import TrainSettings, train
 
 pytestmark = needs_data
@@ -60,6 +61,21 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     history = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]
     assert [(r["phase"], r["epoch"]) for r in history] == [("heads", 1), ("finetune", 1), ("finetune", 2)]
     assert all("holdout_score_ema" in r for r in history[1:])
+
+
+def test_the_last_epoch_rule_keeps_the_last_average_and_never_stops_early(tmp_path, imagenet_init):
+    """Under --last-epoch the holdout chooses nothing: with a patience of 0, which would stop the plain rule at
+    once, every epoch runs and the exported weights are the moving average after the last one."""
+    train(smoke_settings(tmp_path, imagenet_init, epochs=3, patience=0, last_epoch=True))
+    meta = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert [(r["phase"], r["epoch"]) for r in meta["history"]][-1] == ("finetune", 3)
+    assert meta["best_epoch"] == "finetune 3 (EMA)"
+    checkpoint = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    assert best and all(torch.equal(t, checkpoint["ema." + k.removeprefix("model.")]) for k, t in best.items())
+    assert "after the last epoch" in network_story(
+        json.loads((tmp_path / "weights" / "config.json").read_text())["training"]
+    )
 
 
 def test_the_body_part_levers_train(tmp_path, imagenet_init):

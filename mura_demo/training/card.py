@@ -285,11 +285,16 @@ def recipe_story(settings: dict) -> str:
     else:
         losses = "class-balanced losses (pos_weight per part)"
         judged = "study-level AUROC"
+    if settings.get("last_epoch"):
+        kept = "the average after the last epoch is shipped, a rule fixed before the run (no early stop)"
+    else:
+        kept = (
+            f"after every epoch the better of the two on the holdout's {judged} is a candidate, and the best is shipped"
+        )
     return f"""Training: a phase on the heads over frozen features, then the network past its first
 {settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
 flip, zoom/shift and contrast augmentation, {losses}. An exponential moving average
-of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; after every epoch the better of the
-two on the holdout's {judged} is a candidate, and the best candidate is shipped.{anatomy}"""
+of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; {kept}.{anatomy}"""
 
 
 def network_story(training: dict) -> str:

@@ -379,13 +379,16 @@ def epoch_order(data: TrainingData, settings: TrainSettings, dist: Distributed, 
 
 
 def holdout_row(
-    model, ema, config, data: TrainingData, phase: str, epoch: int, by_body_part: bool
+    model, ema, config, data: TrainingData, phase: str, epoch: int, settings: TrainSettings
 ) -> tuple[dict, dict, MuraNet, str]:
-    """Score the epoch's weights (and their moving average) on the holdout: the history row, the better
-    report, and the candidate it came from with its label."""
+    """Score the epoch's weights (and their moving average) on the holdout: the history row, the
+    candidate's report, and the candidate with its label. The candidate is the better of the two, or
+    under ``last_epoch`` the moving average whatever the holdout says (a rule fixed before the run)."""
 
     def report_of(net: MuraNet) -> dict:
-        return holdout_report(config, data.holdout, *score_images(net, config, data.holdout_images), by_body_part)
+        return holdout_report(
+            config, data.holdout, *score_images(net, config, data.holdout_images), settings.body_part_only
+        )
 
     report = report_of(model)
     row = {
@@ -399,7 +402,7 @@ def holdout_row(
     if ema is not None:
         ema_report = report_of(ema.module)
         row["holdout_score_ema"] = ema_report["score"]
-        if ema_report["score"] > report["score"]:
+        if settings.last_epoch or ema_report["score"] > report["score"]:
             report, candidate, label = ema_report, ema.module, f"{label} (EMA)"
     return row, report, candidate, label
 
@@ -461,7 +464,7 @@ def train(settings: TrainSettings) -> MuraNet:
         resume = False
         net = dist.wrap(model)
         for epoch in range(start_epoch, epochs):
-            if phase == "finetune" and meta["stale"] >= settings.patience:
+            if phase == "finetune" and meta["stale"] >= settings.patience and not settings.last_epoch:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
                 break
             spent = time.time() - t_start
@@ -485,12 +488,10 @@ def train(settings: TrainSettings) -> MuraNet:
                     ema.update(model)
                 running += loss.item()
                 bar.set_postfix(loss=f"{running / (step + 1):.3f}", refresh=False)
-            row, report, candidate, label = holdout_row(
-                model, ema, config, data, phase, epoch + 1, settings.body_part_only
-            )
+            row, report, candidate, label = holdout_row(model, ema, config, data, phase, epoch + 1, settings)
             row |= {"train_loss": running / steps, "seconds": time.time() - t_epoch}
             meta["history"].append(row)
-            improved = report["score"] > meta["best_score"]
+            improved = settings.last_epoch or report["score"] > meta["best_score"]
             if improved:
                 meta.update(best_score=report["score"], best_epoch=label, stale=0)
             elif phase == "finetune":
