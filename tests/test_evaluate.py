@@ -228,5 +228,10 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     )
     with pytest.raises(ValueError, match="trained for the body part alone: it cannot read the abnormality"):
         pair_networks(str(elbow), str(body_only), settings)
+    abnormality_only = doctored_weights(
+        tmp_path / "abnormal-alone", "elbow", {"training": {"settings": {"abnormality_only": True}}}, body
+    )
+    with pytest.raises(ValueError, match="trained for the abnormality alone: it cannot read the body part"):
+        pair_networks(str(abnormality_only), str(abnormal), settings)
     with pytest.raises(ValueError, match="only single networks can be averaged"):
         average_runs([settings.export_dir, settings.export_dir], settings)

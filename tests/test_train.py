@@ -12,10 +12,12 @@ import torch
 from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
+from mura_demo.core.config import ModelConfig
 from mura_demo.core.weights import WeightsError, load_model
 from mura_demo.serving.predictor import Predictor
 from mura_demo.training.card import network_story
-from mura_demo.training.train import TrainSettings, train
+from mura_demo.training.data import load_splits
+from mura_demo.training.train import Losses, TrainSettings, subsample, train
 
 pytestmark = needs_data
 
@@ -99,6 +101,37 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     with pytest.raises(WeightsError, match="trained for the body part alone"):
         load_model(str(tmp_path / "weights"))
     assert not load_model(str(tmp_path / "weights"), body_part_alone=True).config.reads_abnormality
+
+
+def test_a_network_for_the_abnormality_alone_trains_on_labelled_images_only(tmp_path, imagenet_init, capsys):
+    """Trained for the abnormality alone, a run reads no image without an abnormality label (UNIFESP), sends no
+    gradient to the body-part logits, chooses epochs by study AUROC, gets thresholds for the parts it learnt,
+    and is refused for serving alone: its body part must come from another network (`pair`)."""
+    settings = smoke_settings(tmp_path, imagenet_init, limit=96, abnormality_only=True)
+    train(settings)
+    labelled = [s for s in subsample(load_splits(settings.data_root)["train"], 96) if s.abnormal is not None]
+    assert 0 < len(labelled) < 96 and f"loaded {len(labelled)} training" in capsys.readouterr().out
+    log = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    row = log["history"][-1]
+    parts = [k.removeprefix("holdout_auroc_") for k in row if k.startswith("holdout_auroc_")]
+    assert row["holdout_score"] == pytest.approx(sum(row[f"holdout_auroc_{p}"] for p in parts) / len(parts))
+    config = json.loads((tmp_path / "weights" / "config.json").read_text())
+    assert config["training"]["settings"]["abnormality_only"] is True
+    assert set(config["metrics"]["holdout"]["study_level"]) == set(parts)
+    assert "the abnormality loss alone" in network_story(config["training"])
+    # the loss sends nothing to the body-part logits
+    holdout = load_splits(settings.data_root)["holdout"]
+    samples = [s for s in holdout if s.abnormal is not None][::20] + [s for s in holdout if s.abnormal is None][:20]
+    assert {s.abnormal for s in samples} == {True, False, None}
+    cfg = ModelConfig(input_size=settings.input_size)
+    logits = torch.randn(len(samples), cfg.num_outputs, requires_grad=True)
+    Losses(cfg, samples, body_part=False)(logits, torch.arange(len(samples))).backward()
+    body_grad, abnormal_grad = cfg.split_logits(logits.grad)
+    assert not body_grad.any() and abnormal_grad.any()
+    with pytest.raises(WeightsError, match="trained for the abnormality alone"):
+        load_model(str(tmp_path / "weights"))
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(smoke_settings(tmp_path / "both", imagenet_init, abnormality_only=True, body_part_only=True))
 
 
 def test_refuses_to_train_from_scratch(tmp_path):

@@ -68,6 +68,12 @@ class ModelConfig:
         never learnt, so it serves only as the body-part half of a pair."""
         return not self.training.get("settings", {}).get("body_part_only", False)
 
+    @property
+    def reads_body_part(self) -> bool:
+        """False for a network trained for the abnormality alone (`train --abnormality-only`): its body-part head
+        never learnt, so it serves only as the abnormality half of a pair."""
+        return not self.training.get("settings", {}).get("abnormality_only", False)
+
     def abnormality_index(self, body_part: str) -> int:
         """Column of the model output holding ``body_part``'s abnormality logit."""
         return len(self.body_part_classes) + self.body_parts.index(body_part)

@@ -243,6 +243,11 @@ def check_trained(loaded: LoadedModel, require_trained: bool, body_part_alone: b
             f"The weights in {loaded.source} were trained for the body part alone (train --body-part-only): their "
             "abnormality head never learnt. Join them with an abnormality network (`python -m mura_demo pair`)."
         )
+    if require_trained and not loaded.config.reads_body_part:
+        raise WeightsError(
+            f"The weights in {loaded.source} were trained for the abnormality alone (train --abnormality-only): their "
+            "body-part head never learnt. Join them with a body-part network (`python -m mura_demo pair`)."
+        )
     return loaded
 
 

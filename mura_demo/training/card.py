@@ -282,6 +282,12 @@ def recipe_story(settings: dict) -> str:
     if settings.get("body_part_only"):
         losses = "the body-part loss alone (class-balanced; no abnormality loss: the network reads only the body part)"
         judged = "mean body-part accuracy over its source-and-part groups"
+    elif settings.get("abnormality_only"):
+        losses = (
+            "the abnormality loss alone (pos_weight per part; no body-part loss, and only the images with an "
+            "abnormality label: the network reads only the abnormality)"
+        )
+        judged = "study-level AUROC"
     else:
         losses = "class-balanced losses (pos_weight per part)"
         judged = "study-level AUROC"

@@ -36,6 +36,7 @@ class TrainSettings:
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
+    abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     last_epoch: bool = False  # keep the last epoch (its EMA) instead of the best holdout one, no early stop
     time_budget: float | None = None  # minutes: start no epoch after this (one always runs), export the best so far
     limit: int | None = None  # smoke runs: at most this many train and holdout images

@@ -132,7 +132,8 @@ class Losses:
     that source's images instead of being left free.
 
     Without ``abnormality`` the loss is the body part's alone: a network that reads only the body part, for a
-    :class:`BodyPartPair`, spends none of its features on abnormality.
+    :class:`BodyPartPair`, spends none of its features on abnormality. Without ``body_part``, likewise, the loss is
+    the abnormality's alone.
     """
 
     def __init__(
@@ -144,9 +145,10 @@ class Losses:
         source_mask: bool = False,
         mask_margin: float | None = None,
         abnormality: bool = True,
+        body_part: bool = True,
     ):
         self.config = config
-        self.abnormality = abnormality
+        self.abnormality, self.body_part = abnormality, body_part
         targets = body_part_targets(samples, config.body_part_classes)
         self.adjust = torch.zeros_like(targets)
         if source_prior:
@@ -186,8 +188,11 @@ class Losses:
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         bp_logits, ab_logits = self.config.split_logits(logits)
-        adjust = self.adjust[index].to(logits.device)
-        bp_loss = self.body_part_loss(F.log_softmax(bp_logits + adjust, 1), index.to(logits.device))
+        if self.body_part:
+            adjust = self.adjust[index].to(logits.device)
+            bp_loss = self.body_part_loss(F.log_softmax(bp_logits + adjust, 1), index.to(logits.device))
+        else:
+            bp_loss = 0.0 * bp_logits.sum()  # keeps the untrained head in the graph (DDP wants every parameter used)
         part = self.part[index].to(logits.device)
         has = part >= 0
         if not self.abnormality or not has.any():
@@ -334,8 +339,12 @@ class TrainingData:
 
 
 def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
+    if settings.body_part_only and settings.abnormality_only:
+        raise ValueError("--body-part-only and --abnormality-only exclude each other")
     splits = load_splits(settings.data_root)
     train_set = subsample(withhold(splits["train"], settings.withhold), settings.limit)
+    if settings.abnormality_only:  # images without an abnormality label would teach nothing
+        train_set = [s for s in train_set if s.abnormal is not None]
     holdout = subsample(withhold(splits["holdout"], settings.withhold), settings.limit)
     steps = max(1, len(train_set) // dist.world // settings.batch_size)  # an epoch: the whole images once
     if settings.max_steps:
@@ -357,6 +366,7 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
             settings.source_mask,
             settings.mask_margin,
             abnormality=not settings.body_part_only,
+            body_part=not settings.abnormality_only,
         ),
         draws,
         steps,
@@ -573,6 +583,8 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
         raise ValueError("pair two single networks, not a pair")
     if not abnormal_cfg.reads_abnormality:
         raise ValueError(f"{abnormality_folder} was trained for the body part alone: it cannot read the abnormality")
+    if not body_cfg.reads_body_part:
+        raise ValueError(f"{body_part_folder} was trained for the abnormality alone: it cannot read the body part")
     if any(getattr(body_cfg, k) != getattr(abnormal_cfg, k) for k in shared):
         raise ValueError(f"the two networks must agree on {', '.join(shared)}")
     if any(c.training.get("settings", {}).get("withhold") for c in (body_cfg, abnormal_cfg)):
