@@ -130,8 +130,13 @@ def test_a_network_for_the_abnormality_alone_trains_on_labelled_images_only(tmp_
     assert not body_grad.any() and abnormal_grad.any()
     with pytest.raises(WeightsError, match="trained for the abnormality alone"):
         load_model(str(tmp_path / "weights"))
+    assert "holdout_body_part_accuracy_by_size" not in config["training"]  # no body-part view chosen for it
+    assert "body_part_accuracy" not in config["metrics"]["holdout"]
     with pytest.raises(ValueError, match="exclude each other"):
-        train(smoke_settings(tmp_path / "both", imagenet_init, abnormality_only=True, body_part_only=True))
+        smoke_settings(tmp_path / "both", imagenet_init, abnormality_only=True, body_part_only=True)
+    with pytest.raises(ValueError, match="without an abnormality label"):
+        smoke_settings(tmp_path / "crops", imagenet_init, abnormality_only=True, crop_share=0.2)
+    assert not (tmp_path / "both").exists() and not (tmp_path / "crops").exists()
 
 
 def test_refuses_to_train_from_scratch(tmp_path):

@@ -279,6 +279,7 @@ def recipe_story(settings: dict) -> str:
         if levers
         else ""
     )
+    judged = "study-level AUROC"
     if settings.get("body_part_only"):
         losses = "the body-part loss alone (class-balanced; no abnormality loss: the network reads only the body part)"
         judged = "mean body-part accuracy over its source-and-part groups"
@@ -287,10 +288,8 @@ def recipe_story(settings: dict) -> str:
             "the abnormality loss alone (pos_weight per part; no body-part loss, and only the images with an "
             "abnormality label: the network reads only the abnormality)"
         )
-        judged = "study-level AUROC"
     else:
         losses = "class-balanced losses (pos_weight per part)"
-        judged = "study-level AUROC"
     if settings.get("last_epoch"):
         kept = "the average after the last epoch is shipped, a rule fixed before the run (no early stop)"
     else:

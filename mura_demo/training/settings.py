@@ -43,6 +43,13 @@ class TrainSettings:
     max_steps: int | None = None  # smoke runs: at most this many steps per epoch
     threads: int | None = None
 
+    def __post_init__(self):
+        """Refuse contradictory settings before a run makes anything."""
+        if self.body_part_only and self.abnormality_only:
+            raise ValueError("--body-part-only and --abnormality-only exclude each other")
+        if self.abnormality_only and self.crop_share:
+            raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
+
 
 @dataclasses.dataclass
 class EvalSettings:

@@ -339,8 +339,6 @@ class TrainingData:
 
 
 def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
-    if settings.body_part_only and settings.abnormality_only:
-        raise ValueError("--body-part-only and --abnormality-only exclude each other")
     splits = load_splits(settings.data_root)
     train_set = subsample(withhold(splits["train"], settings.withhold), settings.limit)
     if settings.abnormality_only:  # images without an abnormality label would teach nothing
@@ -619,8 +617,8 @@ def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: d
 
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
-    """Load the best epoch; on the holdout, decide on test-time flips, the body part's input size and
-    whether its equalised view joins in, and choose per-part thresholds; export the weights folder."""
+    """Load the best epoch; on the holdout, decide on test-time flips, the body part's view (not for a network
+    trained for the abnormality alone, whose body-part head never learnt) and per-part thresholds; export."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
     scores = {}
@@ -630,19 +628,9 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         scores[flip] = (holdout_report(config, holdout, *probs, settings.body_part_only)["score"], probs)
     config.test_time_flip = scores[True][0] > scores[False][0]
     bp_prob, ab_prob = scores[config.test_time_flip][1]
-    bp_probs = {config.input_size: bp_prob}
-    for size in (s for s in BODY_PART_SIZES if s < config.input_size):
-        config.body_part_input_size = size
-        bp_probs[size] = score_body_parts(model, config, holdout_images)
-    reports = {size: holdout_report(config, holdout, p, ab_prob) for size, p in bp_probs.items()}
-    part_accuracy = {size: r["body_part_accuracy"] for size, r in reports.items()}
-    config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
-    chosen = reports[config.body_part_input_size]
-    config.body_part_equalized_view = True
-    equalized = holdout_report(config, holdout, score_body_parts(model, config, holdout_images), ab_prob)
-    config.body_part_equalized_view = equalized["body_part_accuracy"] > chosen["body_part_accuracy"]
-    if config.body_part_equalized_view:
-        chosen = equalized
+    body_part = {}
+    if not settings.abnormality_only:  # its body-part head never learnt: no view to choose
+        body_part = choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob)
     holdout_metrics, threshold_rules = {}, {}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels or settings.body_part_only:  # an untrained head gets no thresholds
@@ -663,20 +651,13 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
                 head.bias[i] = head.bias[rows].mean()
                 config.thresholds[part] = float(np.mean([config.thresholds[p] for p in trained]))
     config.trained = True
-    config.metrics = {
-        "holdout": {
-            "study_level": holdout_metrics,
-            "body_part_accuracy": chosen["body_part_accuracy"],
-            "body_part_by_group": chosen["body_part_by_group"],
-        }
-    }
+    config.metrics = {"holdout": {"study_level": holdout_metrics} | body_part.get("metrics", {})}
     config.training = {
         "settings": dataclasses.asdict(settings),
         "best_epoch": meta["best_epoch"],
         "holdout_score_without_flip": scores[False][0],
         "holdout_score_with_flip": scores[True][0],
-        "holdout_body_part_accuracy_by_size": part_accuracy,
-        "holdout_body_part_accuracy_with_equalized_view": equalized["body_part_accuracy"],
+        **body_part.get("training", {}),
         "threshold_rules": threshold_rules,
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
@@ -688,6 +669,32 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         save_weights(model, config, settings.export_dir, int8=config.separate_body_part_network)
         print(f"exported to {settings.export_dir}")
     return config
+
+
+def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob) -> dict:
+    """On the holdout, choose the body part's input size and whether its equalised view joins in (set on
+    ``model.config``); return the chosen view's holdout figures and what each choice scored."""
+    config = model.config
+    bp_probs = {config.input_size: bp_prob}
+    for size in (s for s in BODY_PART_SIZES if s < config.input_size):
+        config.body_part_input_size = size
+        bp_probs[size] = score_body_parts(model, config, holdout_images)
+    reports = {size: holdout_report(config, holdout, p, ab_prob) for size, p in bp_probs.items()}
+    part_accuracy = {size: r["body_part_accuracy"] for size, r in reports.items()}
+    config.body_part_input_size = max(part_accuracy, key=part_accuracy.get)  # ties keep the larger size
+    chosen = reports[config.body_part_input_size]
+    config.body_part_equalized_view = True
+    equalized = holdout_report(config, holdout, score_body_parts(model, config, holdout_images), ab_prob)
+    config.body_part_equalized_view = equalized["body_part_accuracy"] > chosen["body_part_accuracy"]
+    if config.body_part_equalized_view:
+        chosen = equalized
+    return {
+        "metrics": {k: chosen[k] for k in ("body_part_accuracy", "body_part_by_group")},
+        "training": {
+            "holdout_body_part_accuracy_by_size": part_accuracy,
+            "holdout_body_part_accuracy_with_equalized_view": equalized["body_part_accuracy"],
+        },
+    }
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
