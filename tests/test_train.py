@@ -13,9 +13,9 @@ from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
 from mura_demo.core.config import ModelConfig
-from mura_demo.core.weights import WeightsError, load_model
+from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
-from mura_demo.training.card import network_story
+from mura_demo.training.card import network_story, reproduce_story, training_command
 from mura_demo.training.data import load_splits
 from mura_demo.training.train import Losses, TrainSettings, subsample, train
 
@@ -137,6 +137,36 @@ def test_a_network_for_the_abnormality_alone_trains_on_labelled_images_only(tmp_
     with pytest.raises(ValueError, match="without an abnormality label"):
         smoke_settings(tmp_path / "crops", imagenet_init, abnormality_only=True, crop_share=0.2)
     assert not (tmp_path / "both").exists() and not (tmp_path / "crops").exists()
+
+
+def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):
+    """`--init-from` starts a run from another run's exported network (strictly loaded), not from ImageNet alone:
+    at a learning rate of 0 the run ends with exactly the weights it started from. A pair, another input size, or
+    a network that saw a part this run withholds is refused before anything trains."""
+    train(smoke_settings(tmp_path / "a", imagenet_init))
+    start, _ = load_folder(tmp_path / "a" / "weights")
+    settings = smoke_settings(tmp_path / "b", None, init_from=str(tmp_path / "a" / "weights"), head_epochs=0, lr=0.0,
+                              ema_decay=0.0, abnormality_only=True)  # fmt: skip
+    train(settings)
+    checkpoint = load_file(tmp_path / "b" / "run" / "checkpoint.safetensors")
+    params = dict(start.named_parameters())
+    assert params and all(torch.equal(checkpoint["model." + k], p) for k, p in params.items())
+    config = json.loads((tmp_path / "b" / "weights" / "config.json").read_text())
+    assert config["training"]["settings"]["init_from"] == settings.init_from
+    assert config["training"]["started_from"]["version"] == "smoke"
+    story = reproduce_story(config["training"])
+    first = training_command(config["training"]["started_from"]["training"]["settings"])
+    assert story.index(first) < story.index(training_command(config["training"]["settings"]))
+    assert "--init-from" in story
+    refusals = {
+        "is a pair": dict(init_from=str(ROOT / "weights"), input_size=256),
+        "at 224 px: this run trains": dict(init_from=settings.init_from, input_size=256),
+        "same part withheld": dict(init_from=settings.init_from, withhold="mura:elbow"),
+    }
+    for n, (message, kw) in enumerate(refusals.items()):
+        with pytest.raises(ValueError, match=message):
+            train(smoke_settings(tmp_path / f"refused{n}", None, **kw))
+        assert not (tmp_path / f"refused{n}" / "run" / "checkpoint.json").exists()
 
 
 def test_refuses_to_train_from_scratch(tmp_path):

@@ -98,8 +98,14 @@ def training_command(settings: dict) -> str:
 
 
 def reproduce_story(training: dict) -> str:
-    """The commands that made a weights folder: one `train`, or the runs and the `average` that joined them."""
-    runs = training.get("averaged")
+    """The commands that made a weights folder: one `train`, or the runs and the `average` that joined them; for a
+    run that started from another network (`--init-from`), first how that network was made."""
+    runs, start = training.get("averaged"), training.get("started_from")
+    if start:
+        return (
+            f"{reproduce_story(start['training'])}\n\nthen, from that network ({start['version']}, in "
+            f"`{start['folder']}`), one more training run:\n\n```\n{training_command(training['settings'])}\n```"
+        )
     if not runs:
         return f"One training run:\n\n```\n{training_command(training.get('settings', {}))}\n```"
     commands = [training_command(run["settings"]) for run in runs]

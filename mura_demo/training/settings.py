@@ -14,6 +14,7 @@ class TrainSettings:
     out_dir: str = "runs/train"
     export_dir: str | None = "weights"
     imagenet_init: str | None = None
+    init_from: str | None = None  # a trained network's weights folder to start from instead of ImageNet alone
     architecture: str = "tf_efficientnet_lite0"
     input_size: int = 224
     version: str = "dev"

@@ -428,10 +428,12 @@ def train(settings: TrainSettings) -> MuraNet:
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
 
-    if settings.imagenet_init is None:
+    if settings.imagenet_init is None and settings.init_from is None:
         raise ValueError("no ImageNet initialisation given (--imagenet-init): refusing to train from scratch")
     config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version)
-    model = create_model(config, imagenet_init=settings.imagenet_init).to(dist.device)
+    model = create_model(config, imagenet_init=settings.imagenet_init)
+    started_from = start_from_run(model, settings) if settings.init_from else None
+    model.to(dist.device)
     data = load_training_data(settings, config, dist)
     t_start = time.time()
 
@@ -441,6 +443,8 @@ def train(settings: TrainSettings) -> MuraNet:
     if resume:
         meta = json.loads(meta_path.read_text())
         log(dist, f"resuming from {meta['phase']} epoch {meta['epoch']}")
+    if started_from:
+        meta["started_from"] = started_from
 
     phases = [("heads", settings.head_epochs, settings.head_lr), ("finetune", settings.epochs, settings.lr)]
     steps = data.steps
@@ -519,6 +523,23 @@ def train(settings: TrainSettings) -> MuraNet:
         plot_curves(meta["history"], out / "curves.png")
     dist.close()
     return model
+
+
+def start_from_run(model: MuraNet, settings: TrainSettings) -> dict:
+    """Load the weights of the trained network in ``settings.init_from`` into ``model`` (strictly): a run that goes on
+    from what another learnt. Its architecture, input size and withheld part must be this run's, so that a
+    leave-one-source-out twin never starts from a network that saw the withheld images. Returns the start's record
+    (folder, version, training), which travels on in the new network's config."""
+    net, cfg = load_folder(settings.init_from)
+    if cfg.separate_body_part_network:
+        raise ValueError(f"{settings.init_from} is a pair: start from one of its networks")
+    if (cfg.architecture, cfg.input_size) != (settings.architecture, settings.input_size):
+        raise ValueError(f"{settings.init_from} is {cfg.architecture} at {cfg.input_size} px: "
+                         f"this run trains {settings.architecture} at {settings.input_size} px")  # fmt: skip
+    if cfg.training.get("settings", {}).get("withhold") != settings.withhold:
+        raise ValueError(f"{settings.init_from} was not trained with the same part withheld (--withhold) as this run")
+    model.load_state_dict(net.state_dict(), strict=True)
+    return {"folder": settings.init_from, "version": cfg.version, "training": cfg.training}
 
 
 def normalized_shares(shares: list[float] | None, n: int) -> list[float]:
@@ -662,7 +683,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
     }
-    for key in ("averaged", "paired"):
+    for key in ("averaged", "paired", "started_from"):
         if key in meta:
             config.training[key] = meta[key]
     if settings.export_dir:
