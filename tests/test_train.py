@@ -166,12 +166,13 @@ def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):
     for n, (message, kw) in enumerate(refusals.items()):
         with pytest.raises(ValueError, match=message):
             train(smoke_settings(tmp_path / f"refused{n}", None, **kw))
-        assert not (tmp_path / f"refused{n}" / "run" / "checkpoint.json").exists()
+        assert not (tmp_path / f"refused{n}" / "run").exists()  # refused before any folder is made
 
 
 def test_refuses_to_train_from_scratch(tmp_path):
     with pytest.raises(ValueError, match="from scratch"):
         train(smoke_settings(tmp_path, None))
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_gloo_ranks_end_with_identical_weights(tmp_path, imagenet_init):

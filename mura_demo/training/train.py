@@ -423,16 +423,15 @@ def train(settings: TrainSettings) -> MuraNet:
     dist = Distributed()
     torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // dist.world))
     torch.manual_seed(settings.seed)
-    out = Path(settings.out_dir)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
-
     if settings.imagenet_init is None and settings.init_from is None:
         raise ValueError("no ImageNet initialisation given (--imagenet-init): refusing to train from scratch")
     config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version)
     model = create_model(config, imagenet_init=settings.imagenet_init)
     started_from = start_from_run(model, settings) if settings.init_from else None
+    out = Path(settings.out_dir)
+    if dist.main:  # only a run that can start leaves a folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
     model.to(dist.device)
     data = load_training_data(settings, config, dist)
     t_start = time.time()
