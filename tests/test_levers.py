@@ -13,9 +13,17 @@ from PIL import Image
 from mura_demo.core.config import ModelConfig
 from mura_demo.core.preprocess import equalize
 from mura_demo.training.augment import augment, match_histograms, randomize_style
+from mura_demo.training.card import recipe_story
 from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
 from mura_demo.training.settings import TrainSettings
 from mura_demo.training.train import Losses, draw_weights
+
+
+def body_part_grad(losses: Losses, row: int) -> torch.Tensor:
+    """The gradient of one training row's loss on the body-part logits, at zero logits."""
+    logits = torch.zeros(1, losses.config.num_outputs, requires_grad=True)
+    losses(logits, torch.tensor([row])).backward()
+    return losses.config.split_logits(logits.grad)[0][0]
 
 
 def sample(parts, source="mura", abnormal=0, end=None) -> Sample:
@@ -166,20 +174,31 @@ def test_the_source_mask_leaves_out_only_the_parts_a_source_never_shows():
     samples += [sample(["other"], "unifesp", None)] * 9
     index = {p: config.body_part_classes.index(p) for p in ("wrist", "other", "humerus", "elbow")}
 
-    def grad_of_loss(losses: Losses, row: int) -> torch.Tensor:
-        logits = torch.zeros(1, config.num_outputs, requires_grad=True)
-        losses(logits, torch.tensor([row])).backward()
-        return config.split_logits(logits.grad)[0][0]
-
     masked = Losses(config, samples, source_mask=True)
-    forearm, wrist = grad_of_loss(masked, 0), grad_of_loss(masked, 80)
+    forearm, wrist = body_part_grad(masked, 0), body_part_grad(masked, 80)
     assert torch.isfinite(forearm).all() and torch.isfinite(wrist).all()
     assert forearm[index["wrist"]] == 0 and forearm[index["elbow"]] == 0
     assert forearm[index["humerus"]] > 0.1 and forearm[index["other"]] > 0.1  # a MURA image is known not to be other
     assert wrist[index["other"]] > 0.1 and wrist[index["humerus"]] == 0
     with_crops = Losses(config, samples + end_crops(samples[:1]), source_mask=True)
-    assert grad_of_loss(with_crops, 0)[index["wrist"]] > 0.05  # crops show MURA wrists: now taught against
-    plain = grad_of_loss(Losses(config, samples), 0)
-    margin = grad_of_loss(Losses(config, samples, source_mask=True, mask_margin=2.0), 0)
+    assert body_part_grad(with_crops, 0)[index["wrist"]] > 0.05  # crops show MURA wrists: now taught against
+    plain = body_part_grad(Losses(config, samples), 0)
+    margin = body_part_grad(Losses(config, samples, source_mask=True, mask_margin=2.0), 0)
     assert 0 < margin[index["wrist"]] < plain[index["wrist"]] / 3  # a margin: pushed down, but gently
     assert margin[index["humerus"]] > 0.1
+
+
+def test_other_weight_scales_only_the_loss_of_non_arm_images():
+    """`--other-weight w`: an image that is not an arm part pulls w times harder in the body-part loss; an arm
+    image's loss is unchanged, and the lever is named in the card's recipe."""
+    config = ModelConfig()
+    samples = [sample(["forearm"])] * 20 + [sample(["wrist"], "unifesp", None)] * 3
+    samples += [sample(["other"], "unifesp", None)] * 9
+
+    plain, weighted = Losses(config, samples), Losses(config, samples, other_weight=3.0)
+    for row in (0, 20):
+        assert torch.equal(body_part_grad(plain, row), body_part_grad(weighted, row))
+    assert torch.allclose(body_part_grad(weighted, 25), 3 * body_part_grad(plain, 25))
+    assert body_part_grad(plain, 25).abs().sum() > 0.1
+    assert "3.0 times their class weight" in recipe_story({"other_weight": 3.0})
+    assert "class weight in the body-part" not in recipe_story({})

@@ -278,6 +278,11 @@ def recipe_story(settings: dict) -> str:
             "a source mask (each image's body-part softmax only over the arm parts its source shows in training, "
             f"and other{margin})"
         )
+    if settings.get("other_weight", 1.0) != 1.0:
+        levers.append(
+            f"images that are not an upper extremity weigh {settings['other_weight']} times their class weight in the "
+            "body-part loss, so that a non-arm image called an arm part costs more than the reverse"
+        )
     anatomy = (
         "\nSo that the body part is read from the anatomy rather than from the look of the image's source: "
         + "; ".join(levers)

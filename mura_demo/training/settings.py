@@ -36,6 +36,7 @@ class TrainSettings:
     source_prior: float = 0.0  # body-part loss: add this times log P(part | source) to the logits (0: off)
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
+    other_weight: float = 1.0  # body-part loss: non-arm images weigh this many times their class weight
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     last_epoch: bool = False  # keep the last epoch (its EMA) instead of the best holdout one, no early stop

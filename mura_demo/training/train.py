@@ -134,6 +134,10 @@ class Losses:
     Without ``abnormality`` the loss is the body part's alone: a network that reads only the body part, for a
     :class:`BodyPartPair`, spends none of its features on abnormality. Without ``body_part``, likewise, the loss is
     the abnormality's alone.
+
+    With ``other_weight`` = w, images whose only answer is *other* weigh w times their class-balanced weight in the
+    body-part loss: a non-arm image called an arm part gets a reading it should never get, which makes that error
+    worse than the reverse one.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class Losses:
         source_prior: float = 0.0,
         source_mask: bool = False,
         mask_margin: float | None = None,
+        other_weight: float = 1.0,
         abnormality: bool = True,
         body_part: bool = True,
     ):
@@ -168,6 +173,7 @@ class Losses:
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
         class_weight = (counts.sum() / counts).sqrt()
         class_weight /= (class_weight * counts).sum() / counts.sum()
+        class_weight[config.body_part_classes.index(OTHER)] *= other_weight
         self.sample_weight = (self.candidates * class_weight).sum(1) / self.candidates.sum(1)
         self.sibling = crop_siblings(samples)
         classes = config.body_part_classes
@@ -363,6 +369,7 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
             settings.source_prior,
             settings.source_mask,
             settings.mask_margin,
+            settings.other_weight,
             abnormality=not settings.body_part_only,
             body_part=not settings.abnormality_only,
         ),
