@@ -202,3 +202,5 @@ def test_other_weight_scales_only_the_loss_of_non_arm_images():
     assert body_part_grad(plain, 25).abs().sum() > 0.1
     assert "3.0 times their class weight" in recipe_story({"other_weight": 3.0})
     assert "class weight in the body-part" not in recipe_story({})
+    with pytest.raises(ValueError, match="--other-weight must be positive"):
+        TrainSettings(other_weight=0.0)

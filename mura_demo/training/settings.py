@@ -51,6 +51,8 @@ class TrainSettings:
             raise ValueError("--body-part-only and --abnormality-only exclude each other")
         if self.abnormality_only and self.crop_share:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
+        if self.other_weight <= 0:
+            raise ValueError("--other-weight must be positive: it multiplies the non-arm images' weight in the loss")
 
 
 @dataclasses.dataclass
