@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,6 +64,23 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     history = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]
     assert [(r["phase"], r["epoch"]) for r in history] == [("heads", 1), ("finetune", 1), ("finetune", 2)]
     assert all("holdout_score_ema" in r for r in history[1:])
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, imagenet_init):
+    """A run stopped after its first epoch (a spent time budget) and started again ends with exactly the weights
+    of the same run left alone: the data order, the augmentation, the optimizer, the moving average and the
+    dropout draws all go on from where they stopped."""
+    straight = smoke_settings(tmp_path / "straight", imagenet_init)
+    train(straight)
+    stopped = smoke_settings(tmp_path / "stopped", imagenet_init, time_budget=0.0)
+    train(stopped)
+    history = json.loads((tmp_path / "stopped" / "run" / "checkpoint.json").read_text())["history"]
+    assert [r["phase"] for r in history] == ["heads"]
+    train(dataclasses.replace(stopped, time_budget=None))
+    a = load_file(tmp_path / "straight" / "run" / "checkpoint.safetensors")
+    b = load_file(tmp_path / "stopped" / "run" / "checkpoint.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_last_epoch_rule_keeps_the_last_average_and_never_stops_early(tmp_path, imagenet_init):

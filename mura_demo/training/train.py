@@ -448,6 +448,12 @@ def train(settings: TrainSettings) -> MuraNet:
     resume = meta_path.exists() and ckpt_path.exists()
     if resume:
         meta = json.loads(meta_path.read_text())
+        # dropout draws from the global generator: go on from where the interrupted run left it
+        saved_rng = load_file(ckpt_path).get("rng.torch")
+        if saved_rng is None:
+            log(dist, "the checkpoint predates saved generator states: dropout will draw differently from here on")
+        else:
+            torch.set_rng_state(saved_rng)
         log(dist, f"resuming from {meta['phase']} epoch {meta['epoch']}")
     if started_from:
         meta["started_from"] = started_from
@@ -521,7 +527,8 @@ def train(settings: TrainSettings) -> MuraNet:
                     save_file(model_tensors(candidate), best_path)
                 opt_tensors, opt_meta = flatten_optimizer(opt)
                 ema_tensors = model_tensors(ema.module, prefix="ema.") if ema is not None else {}
-                save_file({**model_tensors(model), **opt_tensors, **ema_tensors}, ckpt_path)
+                rng = {"rng.torch": torch.get_rng_state()}
+                save_file({**model_tensors(model), **opt_tensors, **ema_tensors, **rng}, ckpt_path)
                 meta_path.write_text(json.dumps({**meta, "optimizer": opt_meta}, indent=1))
                 log(dist, json.dumps(row))
     if dist.main:
