@@ -445,11 +445,12 @@ def train(settings: TrainSettings) -> MuraNet:
 
     ckpt_path, meta_path, best_path = out / "checkpoint.safetensors", out / "checkpoint.json", out / "best.safetensors"
     meta = {"phase": "heads", "epoch": 0, "best_score": -1.0, "best_epoch": None, "stale": 0, "history": []}
-    resume = meta_path.exists() and ckpt_path.exists()
-    if resume:
+    # an interrupted run's checkpoint, read once: the generator now, the weights when their phase starts
+    saved = load_file(ckpt_path) if meta_path.exists() and ckpt_path.exists() else None
+    if saved is not None:
         meta = json.loads(meta_path.read_text())
         # dropout draws from the global generator: go on from where the interrupted run left it
-        saved_rng = load_file(ckpt_path).get("rng.torch")
+        saved_rng = saved.get("rng.torch")
         if saved_rng is None:
             log(dist, "the checkpoint predates saved generator states: dropout will draw differently from here on")
         else:
@@ -469,23 +470,21 @@ def train(settings: TrainSettings) -> MuraNet:
         total = epochs * steps
         warm = min(settings.warmup_steps, total // 4)
         start_epoch = 0
-        if resume and meta["phase"] == phase:
-            tensors = load_file(ckpt_path)
-            load_model_tensors(model, tensors)
-            unflatten_optimizer(opt, tensors, meta["optimizer"])
+        if saved is not None and meta["phase"] == phase:
+            load_model_tensors(model, saved)
+            unflatten_optimizer(opt, saved, meta["optimizer"])
             if ema is not None:
-                load_model_tensors(ema.module, tensors, prefix="ema.")
+                load_model_tensors(ema.module, saved, prefix="ema.")
             start_epoch = meta["epoch"]
         # linear warm-up from lr / (warm + 1), then cosine decay to 0 over the remaining steps
         sched = CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=0.0, warmup_t=warm,
                                   warmup_lr_init=lr / (warm + 1), warmup_prefix=True, t_in_epochs=False)  # fmt: skip
         sched.step_update(start_epoch * steps)
-        if resume and phase == "finetune" and meta["phase"] == "heads":
-            tensors = load_file(ckpt_path)
-            load_model_tensors(model, tensors)
+        if saved is not None and phase == "finetune" and meta["phase"] == "heads":
+            load_model_tensors(model, saved)
             if ema is not None:
-                load_model_tensors(ema.module, tensors)
-        resume = False
+                load_model_tensors(ema.module, saved)
+        saved = None
         net = dist.wrap(model)
         for epoch in range(start_epoch, epochs):
             if phase == "finetune" and meta["stale"] >= settings.patience and not settings.last_epoch:
