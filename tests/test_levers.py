@@ -11,8 +11,15 @@ import torch
 from PIL import Image
 
 from mura_demo.core.config import ModelConfig
+from mura_demo.core.model import create_model
 from mura_demo.core.preprocess import equalize
-from mura_demo.training.augment import augment, match_histograms, randomize_style
+from mura_demo.training.augment import (
+    augment,
+    match_histograms,
+    mix_feature_styles,
+    mixing_feature_styles,
+    randomize_style,
+)
 from mura_demo.training.card import recipe_story
 from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
 from mura_demo.training.settings import TrainSettings
@@ -204,3 +211,35 @@ def test_other_weight_scales_only_the_loss_of_non_arm_images():
     assert "class weight in the body-part" not in recipe_story({})
     with pytest.raises(ValueError, match="--other-weight must be positive"):
         TrainSettings(other_weight=0.0)
+
+
+def test_mixstyle_mixes_channel_statistics_between_images_and_only_inside_its_block():
+    """`--mix-styles p`: a mixed image's per-channel feature mean and spread lie between its own and its partner's
+    (its normalised layout is kept); an unmixed image is untouched; the hooks act only while the block runs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 8, 8, generator=g) * torch.rand(6, 4, 1, 1, generator=g) * 3 + torch.randn(6, 4, 1, 1)
+    assert torch.equal(mix_feature_styles(x, g, 0.0), x)
+    mixed = mix_feature_styles(x, torch.Generator().manual_seed(1), 1.0)
+    mean, new_mean = x.mean((2, 3)), mixed.mean((2, 3))
+    lo, hi = mean.min(0).values, mean.max(0).values
+    assert ((new_mean >= lo - 1e-4) & (new_mean <= hi + 1e-4)).all()
+    assert not torch.allclose(new_mean, mean, atol=1e-3)  # Beta(0.1, 0.1) is near 0 or 1: most images move
+
+    def standardise(t):
+        return (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)
+
+    assert torch.allclose(standardise(mixed), standardise(x), atol=1e-3)
+
+    model = create_model(ModelConfig(input_size=64)).eval()  # no dropout: the same images give the same row
+    images = torch.randn(4, 3, 64, 64, generator=g)
+    before = model(images)
+    blocks = [model.backbone.blocks[i] for i in (1, 2, 3)]
+    with mixing_feature_styles(blocks, torch.Generator().manual_seed(2), 1.0):
+        during = model(images)
+    assert not torch.allclose(during, before, atol=1e-4)
+    assert torch.equal(model(images), before)  # released on the way out
+    with mixing_feature_styles(blocks, g, 0.0):
+        assert torch.equal(model(images), before)
+    assert "MixStyle in training: for 50% of the images" in recipe_story({"mix_styles": 0.5})
+    with pytest.raises(ValueError, match="--mix-styles is the share"):
+        TrainSettings(mix_styles=1.5)

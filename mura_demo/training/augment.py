@@ -8,10 +8,12 @@ that augmentation costs little next to the network on a CPU.
 (MURA films are grey, low in contrast, tilted, with burned-in letters; UNIFESP exports are crisp,
 dark-backgrounded, high in contrast), and a network left alone learns the look instead of the
 anatomy. Each image gets a random mix of the other source's traits, so look stops telling parts apart.
+:func:`mixing_feature_styles` does the same inside the network, on the statistics of its early features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -154,3 +156,34 @@ def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float) -> to
     apply(0.35, lambda v, _: burn_in_markers(v, generator))
     apply(0.3, lambda v, rows: v + torch.randn(v.shape, generator=generator) * per_image(0.0, 0.04, rows))
     return x
+
+
+def mix_feature_styles(x: torch.Tensor, generator: torch.Generator, p: float, alpha: float = 0.1) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021) on a batch of features (N, C, H, W): each image drawn with probability
+    ``p`` gets its per-channel mean and spread replaced by a Beta(alpha, alpha) mix of its own and those of another
+    image of the batch. Early channel statistics carry an image's look more than its layout, and a balanced batch
+    holds both sources, so the look stops being a reliable cue while the anatomy stays where it is."""
+    n = x.shape[0]
+    rows = chance(n, p, generator)
+    if n < 2 or not rows.any():
+        return x
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, n)).to(x.device, x.dtype).view(n, 1, 1, 1)
+    partner = torch.randperm(n, generator=generator).to(x.device)
+    mean = x.mean((2, 3), keepdim=True).detach()
+    spread = (x.var((2, 3), keepdim=True) + 1e-6).sqrt().detach()
+    mixed = (x - mean) / spread * (lam * spread + (1 - lam) * spread[partner]) + lam * mean + (1 - lam) * mean[partner]
+    return torch.where(rows.to(x.device).view(n, 1, 1, 1), mixed, x)
+
+
+@contextlib.contextmanager
+def mixing_feature_styles(modules: list[torch.nn.Module], generator: torch.Generator, p: float):
+    """While the block runs, the outputs of ``modules`` go through :func:`mix_feature_styles` (training steps
+    only: the hooks are registered here and always released on the way out, so scoring and export never see them)."""
+    hooks = [] if p <= 0 else [m.register_forward_hook(lambda _m, _in, out: mix_feature_styles(out, generator, p))
+                               for m in modules]  # fmt: skip
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()

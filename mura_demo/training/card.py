@@ -283,6 +283,12 @@ def recipe_story(settings: dict) -> str:
             f"images that are not an upper extremity weigh {settings['other_weight']} times their class weight in the "
             "body-part loss, so that a non-arm image called an arm part costs more than the reverse"
         )
+    if settings.get("mix_styles"):
+        levers.append(
+            f"MixStyle in training: for {settings['mix_styles']:.0%} of the images, the per-channel mean and spread of "
+            "the backbone's early features mixed with another image's of the batch, so the look of a source stops "
+            "being a cue inside the network too"
+        )
     anatomy = (
         "\nSo that the body part is read from the anatomy rather than from the look of the image's source: "
         + "; ".join(levers)

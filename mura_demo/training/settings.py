@@ -37,6 +37,7 @@ class TrainSettings:
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
     other_weight: float = 1.0  # body-part loss: non-arm images weigh this many times their class weight
+    mix_styles: float = 0.0  # MixStyle: share of images whose early feature statistics are mixed (0: off)
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     last_epoch: bool = False  # keep the last epoch (its EMA) instead of the best holdout one, no early stop
@@ -53,6 +54,8 @@ class TrainSettings:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
         if self.other_weight <= 0:
             raise ValueError("--other-weight must be positive: it multiplies the non-arm images' weight in the loss")
+        if not 0 <= self.mix_styles <= 1:
+            raise ValueError("--mix-styles is the share of images whose feature statistics are mixed: from 0 to 1")
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from ..core.inference import score_body_parts, score_images
 from ..core.model import MuraNet, create_model
 from ..core.preprocess import normalize
 from ..core.weights import load_folder, round_as_stored, save_weights
-from .augment import augment, randomize_style
+from .augment import augment, mixing_feature_styles, randomize_style
 from .data import (
     Sample,
     abnormality_rows,
@@ -56,6 +56,7 @@ from .metrics import auroc, binary_metrics, cross_validated_threshold, study_sco
 from .settings import TrainSettings
 
 BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
+MIX_STYLE_BLOCKS = (1, 2, 3)  # MixStyle after these backbone stages (strides 4, 8, 16), as after ResNet's first three
 
 
 class Distributed:
@@ -486,6 +487,7 @@ def train(settings: TrainSettings) -> MuraNet:
                 load_model_tensors(ema.module, saved)
         saved = None
         net = dist.wrap(model)
+        mixed_blocks = [model.backbone.blocks[i] for i in MIX_STYLE_BLOCKS]
         for epoch in range(start_epoch, epochs):
             if phase == "finetune" and meta["stale"] >= settings.patience and not settings.last_epoch:
                 log(dist, f"early stop: no holdout gain for {meta['stale']} epochs")
@@ -502,7 +504,8 @@ def train(settings: TrainSettings) -> MuraNet:
             for step in bar:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
-                loss = data.losses(net(normalize(x, config).to(dist.device)), index)
+                with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
+                    loss = data.losses(net(normalize(x, config).to(dist.device)), index)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
