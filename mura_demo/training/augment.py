@@ -178,8 +178,9 @@ def mix_feature_styles(x: torch.Tensor, generator: torch.Generator, p: float, al
 
 @contextlib.contextmanager
 def mixing_feature_styles(modules: list[torch.nn.Module], generator: torch.Generator, p: float):
-    """While the block runs, the outputs of ``modules`` go through :func:`mix_feature_styles` (training steps
-    only: the hooks are registered here and always released on the way out, so scoring and export never see them)."""
+    """Inside the ``with`` statement, the outputs of ``modules`` go through :func:`mix_feature_styles` (training
+    steps only: the hooks are registered here and always released on the way out, so scoring and export never see
+    them)."""
     hooks = [] if p <= 0 else [m.register_forward_hook(lambda _m, _in, out: mix_feature_styles(out, generator, p))
                                for m in modules]  # fmt: skip
     try:
