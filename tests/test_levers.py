@@ -23,7 +23,7 @@ from mura_demo.training.augment import (
 from mura_demo.training.card import recipe_story
 from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
 from mura_demo.training.settings import TrainSettings
-from mura_demo.training.train import Losses, draw_weights
+from mura_demo.training.train import MIX_STYLE_BLOCKS, Losses, draw_weights
 
 
 def body_part_grad(losses: Losses, row: int) -> torch.Tensor:
@@ -213,9 +213,9 @@ def test_other_weight_scales_only_the_loss_of_non_arm_images():
         TrainSettings(other_weight=0.0)
 
 
-def test_mixstyle_mixes_channel_statistics_between_images_and_only_inside_its_block():
-    """`--mix-styles p`: a mixed image's per-channel feature mean and spread lie between its own and its partner's
-    (its normalised layout is kept); an unmixed image is untouched; the hooks act only while the block runs."""
+def test_mixstyle_mixes_channel_statistics_between_images_and_only_inside_the_with_statement():
+    """`--mix-styles p`: mixed per-channel feature means lie within the batch's (each channel's normalised layout is
+    kept), and p = 0 changes nothing; the hooks on the training loop's blocks act only inside the with statement."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, 8, 8, generator=g) * torch.rand(6, 4, 1, 1, generator=g) * 3 + torch.randn(6, 4, 1, 1)
     assert torch.equal(mix_feature_styles(x, g, 0.0), x)
@@ -233,7 +233,7 @@ def test_mixstyle_mixes_channel_statistics_between_images_and_only_inside_its_bl
     model = create_model(ModelConfig(input_size=64)).eval()  # no dropout: the same images give the same row
     images = torch.randn(4, 3, 64, 64, generator=g)
     before = model(images)
-    blocks = [model.backbone.blocks[i] for i in (1, 2, 3)]
+    blocks = [model.backbone.blocks[i] for i in MIX_STYLE_BLOCKS]
     with mixing_feature_styles(blocks, torch.Generator().manual_seed(2), 1.0):
         during = model(images)
     assert not torch.allclose(during, before, atol=1e-4)
