@@ -6,6 +6,10 @@ the withheld images outside that part's test share it names right (the test shar
 it calls the two end crops of the holdout's MURA images (about half each candidate means it reads the anatomy;
 mostly one candidate means the crops taught a bias, not anatomy).
 
+It also scores the views cut from the holdout's UNIFESP films that hold several side by side (``panel_boxes``):
+every MURA image is a single view, so a network that reads a UNIFESP wrist film right and the same wrist's views
+alone wrong has learnt the layout as a source cue.
+
 ``--inference-prior L ...`` scores the body part again with L times the log of the training draws' body-part
 prior (the mean of the two sources' priors) added to the body-part logits: a network trained with
 ``--source-prior`` learnt to tell parts apart without any prior, and this shows what giving one back trades.
@@ -40,7 +44,14 @@ from mura_demo.core.inference import (
 )
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import body_part_targets, is_withheld, load_images, load_splits, withhold
+from mura_demo.training.data import (
+    body_part_targets,
+    is_withheld,
+    load_images,
+    load_splits,
+    single_views,
+    withhold,
+)
 from mura_demo.training.evaluate import body_part_by_group, end_crop_calls, withheld_report
 from mura_demo.training.settings import TrainSettings
 from mura_demo.training.train import draw_weights, holdout_report, source_log_priors
@@ -92,6 +103,9 @@ def main() -> None:
         "holdout_auroc": report["auroc"],
         "holdout_body_part_by_group": report["body_part_by_group"],
     }
+    views = single_views(holdout)
+    views_bp = score_body_parts(model, config, load_images(views, config.input_size))
+    out["holdout_single_views_by_group"] = body_part_by_group(config, views, views_bp)
     withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
     withheld_images = load_images(withheld, config.input_size) if withheld else None
     withheld_bp = score_body_parts(model, config, withheld_images) if withheld else None

@@ -1,18 +1,19 @@
-"""The body-part levers on their own, without data: style randomisation, group-balanced draws, end crops
-and the candidate-set loss."""
+"""The body-part levers on their own, without data: style randomisation, group-balanced draws, end crops,
+the views of a composite film and the candidate-set loss."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mura_demo.core.config import ModelConfig
 from mura_demo.core.model import create_model
-from mura_demo.core.preprocess import equalize
+from mura_demo.core.preprocess import equalize, letterbox
 from mura_demo.training.augment import (
     augment,
     match_histograms,
@@ -21,7 +22,16 @@ from mura_demo.training.augment import (
     randomize_style,
 )
 from mura_demo.training.card import recipe_story
-from mura_demo.training.data import Sample, crop_end, crop_siblings, end_crops, group_of
+from mura_demo.training.data import (
+    Sample,
+    crop_end,
+    crop_siblings,
+    end_crops,
+    group_of,
+    load_images,
+    single_views,
+)
+from mura_demo.training.panels import panel_boxes
 from mura_demo.training.settings import TrainSettings
 from mura_demo.training.train import MIX_STYLE_BLOCKS, Losses, draw_weights
 
@@ -72,6 +82,62 @@ def test_end_crops_are_either_end_with_both_candidates():
         150,
         100,
     )
+
+
+def film(size: tuple[int, int], fields: list[tuple[int, int, int, int]], seed: int = 0) -> Image.Image:
+    """A black film with exposed grey fields (left, top, right, bottom), each with a bright bone-like band inside
+    that runs only part of the field's height."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 12, size[::-1]).astype(np.uint8)
+    for left, top, right, bottom in fields:
+        pixels[top:bottom, left:right] = rng.integers(80, 110, (bottom - top, right - left))
+        middle, height = (left + right) // 2, bottom - top
+        pixels[top + height // 4 : bottom - height // 4, middle - 4 : middle + 4] = 220
+    return Image.fromarray(pixels)
+
+
+def edges(boxes: list[tuple[int, int, int, int]], axis: int) -> list[int]:
+    """Where the boxes start along x (axis 0) or y (axis 1), in order."""
+    return sorted({box[axis] for box in boxes})
+
+
+def test_panel_boxes_find_the_views_of_a_composite_film_and_leave_single_views_whole():
+    two = film((200, 120), [(4, 4, 98, 116), (102, 4, 196, 116)])  # side by side, an unexposed gap between
+    boxes = panel_boxes(two)
+    assert len(boxes) == 2 and edges(boxes, 0)[0] == 0 and 98 <= edges(boxes, 0)[1] <= 102
+    touching = film((240, 100), [(0, 0, 80, 100), (80, 0, 160, 100), (160, 0, 240, 100)])  # edges, no gap
+    touching = Image.fromarray(np.asarray(touching) + np.repeat([0, 40, 0], 80).astype(np.uint8)[None])
+    assert edges(panel_boxes(touching), 0) == [0, pytest.approx(80, abs=1), pytest.approx(160, abs=1)]
+    grid = film((200, 200), [(4, 4, 96, 96), (104, 4, 196, 96), (4, 104, 96, 196), (104, 104, 196, 196)])
+    boxes = panel_boxes(grid)
+    assert len(boxes) == 4 and all(88 <= b[2] - b[0] <= 112 and 88 <= b[3] - b[1] <= 112 for b in boxes)
+    collimated = film((200, 160), [(10, 0, 130, 160)])  # one view: a border with unexposed film beyond it
+    assert panel_boxes(collimated) == [(0, 0, 200, 160)]
+    narrow = film((200, 160), [(0, 0, 190, 160), (190, 0, 200, 160)])  # a strip too narrow to be a view
+    assert panel_boxes(narrow) == [(0, 0, 200, 160)]
+
+
+def test_single_views_split_only_unifesp_films_and_are_cropped_when_loaded(tmp_path):
+    composite = film((200, 120), [(4, 4, 98, 116), (102, 4, 196, 116)])
+    for name in ("composite", "single"):
+        (composite if name == "composite" else film((120, 200), [(10, 10, 110, 190)])).save(tmp_path / f"{name}.png")
+    samples = [
+        Sample(tmp_path / "composite.png", ("wrist",), None, "a", "a", "unifesp"),
+        Sample(tmp_path / "single.png", ("hand",), None, "b", "b", "unifesp"),
+        Sample(tmp_path / "composite.png", ("forearm",), 0, "c", "c", "mura"),  # MURA images are single views
+    ]
+    views = single_views(samples)
+    assert [(v.body_parts, v.source, v.panel) for v in views] == [
+        (("wrist",), "unifesp", panel_boxes(composite)[0]),
+        (("wrist",), "unifesp", panel_boxes(composite)[1]),
+    ]
+    assert group_of(views[0]) == "unifesp/wrist"  # drawn and balanced with its film's group
+    images = load_images(samples[:1] + views, 64)
+    left, _ = letterbox(composite.crop(views[0].panel), 64)
+    assert torch.equal(images[1, 0], torch.tensor(np.asarray(left)))
+    assert not torch.equal(images[0], images[1])  # the film itself stays a training image too
+    assert "each view of a UNIFESP film" in recipe_story({"split_views": True})
+    assert "each view of a UNIFESP film" not in recipe_story({})
 
 
 def test_draws_give_crops_their_share_and_balance_groups():

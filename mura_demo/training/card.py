@@ -267,6 +267,11 @@ def recipe_story(settings: dict) -> str:
             f"({settings['crop_share']:.0%} of the draws; each end crop is right as either of the two parts its end "
             "can show, elbow or wrist, elbow or shoulder)"
         )
+    if settings.get("split_views"):
+        levers.append(
+            "each view of a UNIFESP film that holds several side by side also trained as an image of its own (every "
+            "MURA image is a single view, so the layout would otherwise tell the sources apart)"
+        )
     if settings.get("source_prior"):
         levers.append(
             f"in the body-part loss only, {settings['source_prior']} times the log of each source's body-part "

@@ -20,6 +20,7 @@ from PIL import Image
 from ..core.config import BODY_PARTS, OTHER
 from ..core.imaging import load_image
 from ..core.preprocess import letterbox
+from .panels import panel_boxes
 
 # UNIFESP region names that are MURA body parts; "Others" is mixed (it may hold arm views),
 # so images labelled only "Others" are left out rather than taught as "not upper extremity".
@@ -45,6 +46,7 @@ class Sample:
     patient: str
     source: str  # "mura" or "unifesp"
     end: str | None = None  # "first"/"last": only this end of the image's long side (an end crop)
+    panel: tuple[int, int, int, int] | None = None  # only this box of a film that holds several views
 
 
 def bucket(key: str) -> int:
@@ -206,11 +208,25 @@ def crop_end(image: Image.Image, end: str) -> Image.Image:
     return image.crop((0, 0, w, cut) if end == "first" else (0, h - cut, w, h))
 
 
+def single_views(samples: list[Sample]) -> list[Sample]:
+    """Each view of every UNIFESP film in ``samples`` that holds several (MURA images are single views), labelled
+    as its film: what the film shows, one of its views shows as well, and :func:`panel_boxes` says where."""
+    return [
+        dataclasses.replace(s, panel=box)
+        for s in samples
+        if s.source == "unifesp" and s.end is None and s.panel is None
+        for boxes in [panel_boxes(load_image(s.path))]
+        if len(boxes) > 1
+        for box in boxes
+    ]
+
+
 def load_images(samples: list[Sample], size: int) -> torch.Tensor:
     """Decode and letterbox every sample once: a uint8 (N, 1, size, size) tensor kept in memory."""
     out = torch.empty((len(samples), 1, size, size), dtype=torch.uint8)
     for i, s in enumerate(samples):
         grey = load_image(s.path)  # the one decoder serving uses too (EXIF orientation, 16-bit, alpha)
+        grey = grey.crop(s.panel) if s.panel else grey
         square, _ = letterbox(crop_end(grey, s.end) if s.end else grey, size)
         out[i, 0] = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())
     return out

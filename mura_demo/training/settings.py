@@ -37,6 +37,7 @@ class TrainSettings:
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
     other_weight: float = 1.0  # body-part loss: non-arm images weigh this many times their class weight
+    split_views: bool = False  # UNIFESP films holding several views side by side also train as each view alone
     mix_styles: float = 0.0  # MixStyle: share of images whose early feature statistics are mixed (0: off)
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`

@@ -49,6 +49,7 @@ from .data import (
     load_images,
     load_splits,
     patients_of,
+    single_views,
     withhold,
 )
 from .evaluate import body_part_by_group
@@ -354,6 +355,8 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
     steps = max(1, len(train_set) // dist.world // settings.batch_size)  # an epoch: the whole images once
     if settings.max_steps:
         steps = min(steps, settings.max_steps)
+    if settings.split_views:
+        train_set += single_views(train_set)
     if settings.crop_share:
         train_set += end_crops(train_set)
     t0 = time.time()
