@@ -1,7 +1,7 @@
 """The views of a film that holds several side by side.
 
-Nearly half of the UNIFESP arm radiographs are such composites (two or three views of one part on one film,
-sometimes a 2 x 2 grid), while every MURA image is a single view. A network trained on both learns "one view:
+More than a third of the UNIFESP arm radiographs are such composites (two or three views of one part on one
+film, sometimes a 2 x 2 grid), while every MURA image is a single view. A network trained on both learns "one view:
 MURA, so forearm or humerus" on top of the anatomy; training on each view alone as well takes that cue away.
 
 A divider is a straight edge that crosses (nearly) the whole film, with exposed film on both sides: a collimation
