@@ -20,7 +20,7 @@ from PIL import Image
 from ..core.config import BODY_PARTS, OTHER
 from ..core.imaging import load_image
 from ..core.preprocess import letterbox
-from .panels import panel_boxes
+from .panels import Box, panel_boxes
 
 # UNIFESP region names that are MURA body parts; "Others" is mixed (it may hold arm views),
 # so images labelled only "Others" are left out rather than taught as "not upper extremity".
@@ -46,7 +46,7 @@ class Sample:
     patient: str
     source: str  # "mura" or "unifesp"
     end: str | None = None  # "first"/"last": only this end of the image's long side (an end crop)
-    panel: tuple[int, int, int, int] | None = None  # only this box of a film that holds several views
+    panel: Box | None = None  # only this box of a film that holds several views
 
 
 def bucket(key: str) -> int:
