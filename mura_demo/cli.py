@@ -75,14 +75,19 @@ def run_train(args) -> None:
     train(settings_from(TrainSettings, args))
 
 
+def combining_settings(args) -> TrainSettings:
+    """Settings of a command that joins trained networks (`average`, `pair`): where the data is, where the model
+    goes, its version, and the CPU threads its holdout pass may use."""
+    return TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
+                         version=args.version, threads=args.threads)  # fmt: skip
+
+
 def run_average(args) -> None:
     from .core.malloc import tune_for_batch_work
     from .training.train import average_runs
 
     tune_for_batch_work()
-    settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
-                             version=args.version)  # fmt: skip
-    average_runs(args.folders, settings, args.shares)
+    average_runs(args.folders, combining_settings(args), args.shares)
 
 
 def run_pair(args) -> None:
@@ -90,9 +95,7 @@ def run_pair(args) -> None:
     from .training.train import pair_networks
 
     tune_for_batch_work()
-    settings = TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
-                             version=args.version)  # fmt: skip
-    pair_networks(args.body_part, args.abnormality, settings)
+    pair_networks(args.body_part, args.abnormality, combining_settings(args))
 
 
 def run_evaluate(args) -> None:
@@ -190,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def combining_options(p: argparse.ArgumentParser, out_dir: str) -> None:
+        p.add_argument("--version", required=True)
+        p.add_argument("--export-dir", required=True)
+        p.add_argument("--out-dir", default=out_dir)
+        p.add_argument("--data-root", default=TrainSettings.data_root)
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
     def reading_options(p: argparse.ArgumentParser, methods: str | None = "gradcam,gradcam++,saliency") -> None:
         p.add_argument("--body-part", default="auto", help="a body part, or 'auto' to let the model decide")
         p.add_argument("--weights", default=None, help="weights folder or hf://owner/name@revision")
@@ -200,17 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("average", run_average, "one network from the average of training runs' weights")
     p.add_argument("folders", nargs="+", help="weights folders of runs of one architecture and input size")
     p.add_argument("--shares", type=float, nargs="+", help="each run's weight in the average (default: equal)")
-    p.add_argument("--version", required=True)
-    p.add_argument("--export-dir", required=True)
-    p.add_argument("--out-dir", default="runs/average")
-    p.add_argument("--data-root", default=TrainSettings.data_root)
+    combining_options(p, out_dir="runs/average")
     p = command("pair", run_pair, "one model from two networks: the body part from one, the abnormality from the other")
     p.add_argument("--body-part", required=True, help="weights folder of the network that reads the body part")
     p.add_argument("--abnormality", required=True, help="weights folder of the network that reads the abnormality")
-    p.add_argument("--version", required=True)
-    p.add_argument("--export-dir", required=True)
-    p.add_argument("--out-dir", default="runs/pair")
-    p.add_argument("--data-root", default=TrainSettings.data_root)
+    combining_options(p, out_dir="runs/pair")
     p = command(
         "evaluate", run_evaluate, "score weights on MURA valid, the elbow test share and the UNIFESP test share"
     )

@@ -20,6 +20,7 @@ import yaml
 from conftest import BUNDLED, MURA, UNIFESP, bundled_networks, doctored_weights, needs_data, needs_weights
 from safetensors.torch import load_file
 
+from mura_demo.cli import build_parser, combining_settings
 from mura_demo.core.weights import SCALE_SUFFIX, load_folder, round_as_stored
 from mura_demo.training.card import averaged_story, write_model_card
 from mura_demo.training.data import load_splits
@@ -166,12 +167,20 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     """`average` joins runs' weights into one network, element by element, keeps the first run's settings and
-    every run on record, and finalizes it on the holdout like a run."""
+    every run on record, and finalizes it on the holdout like a run, on the CPU threads it was given."""
     network, _ = bundled_networks(tmp_path / "nets")
     favoured = doctored_weights(tmp_path / "elbow", "elbow", source=network)
-    settings = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "w"),
-                             version="avg")  # fmt: skip
-    config = average_runs([str(network), str(favoured)], settings)
+    threads = torch.get_num_threads()
+    wanted = 2 if threads == 1 else 1  # any count but the one in use
+    args = build_parser().parse_args(["average", str(network), str(favoured), "--version", "avg", "--threads",
+                                      str(wanted), "--data-root", str(mini_data), "--out-dir", str(tmp_path / "run"),
+                                      "--export-dir", str(tmp_path / "w")])  # fmt: skip
+    settings = combining_settings(args)
+    try:
+        config = average_runs(args.folders, settings)
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)
     joined, first, second = (load_file(Path(f) / "model.safetensors") for f in (settings.export_dir, network, favoured))
     assert set(joined) == set(first)
     for k in first:

@@ -595,7 +595,8 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
     settings = dataclasses.replace(base, data_root=settings.data_root, out_dir=settings.out_dir,
-                                   export_dir=settings.export_dir, version=settings.version)  # fmt: skip
+                                   export_dir=settings.export_dir, version=settings.version,
+                                   threads=settings.threads)  # fmt: skip
     config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
     model = create_model(config)
     model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
@@ -644,6 +645,8 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
 
 def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: dict) -> ModelConfig:
     """Finalize a model made of trained weights (an average, a pair) on the holdout of ``settings.data_root``."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model_tensors(model), out / "best.safetensors")
