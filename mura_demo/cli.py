@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--export-dir", required=True)
         p.add_argument("--out-dir", default=out_dir)
         p.add_argument("--data-root", default=TrainSettings.data_root)
-        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
 
     def reading_options(p: argparse.ArgumentParser, methods: str | None = "gradcam,gradcam++,saliency") -> None:
         p.add_argument("--body-part", default="auto", help="a body part, or 'auto' to let the model decide")
