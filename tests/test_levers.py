@@ -32,7 +32,7 @@ from mura_demo.training.data import (
     single_views,
 )
 from mura_demo.training.panels import Box, panel_boxes
-from mura_demo.training.settings import TrainSettings
+from mura_demo.training.settings import TrainSettings, parse_part_weights
 from mura_demo.training.train import MIX_STYLE_BLOCKS, Losses, draw_weights
 
 
@@ -261,22 +261,32 @@ def test_the_source_mask_leaves_out_only_the_parts_a_source_never_shows():
     assert margin[index["humerus"]] > 0.1
 
 
-def test_other_weight_scales_only_the_loss_of_non_arm_images():
-    """`--other-weight w`: an image that is not an arm part pulls w times harder in the body-part loss; an arm
-    image's loss is unchanged, and the lever is named in the card's recipe."""
+def test_part_weights_scale_only_the_loss_of_that_class_images():
+    """`--other-weight w` / `--part-weights forearm=w`: an image of that class pulls w times harder in the body-part
+    loss; the other images' loss is unchanged, a run's settings give both, and the card names each lever."""
     config = ModelConfig()
     samples = [sample(["forearm"])] * 20 + [sample(["wrist"], "unifesp", None)] * 3
     samples += [sample(["other"], "unifesp", None)] * 9
 
-    plain, weighted = Losses(config, samples), Losses(config, samples, other_weight=3.0)
-    for row in (0, 20):
-        assert torch.equal(body_part_grad(plain, row), body_part_grad(weighted, row))
-    assert torch.allclose(body_part_grad(weighted, 25), 3 * body_part_grad(plain, 25))
-    assert body_part_grad(plain, 25).abs().sum() > 0.1
+    plain = Losses(config, samples)
+    for weights, weighted_row, others in (({"other": 3.0}, 25, (0, 20)), ({"forearm": 3.0}, 0, (20, 25))):
+        weighted = Losses(config, samples, part_weights=weights)
+        for row in others:
+            assert torch.equal(body_part_grad(plain, row), body_part_grad(weighted, row))
+        assert torch.allclose(body_part_grad(weighted, weighted_row), 3 * body_part_grad(plain, weighted_row))
+        assert body_part_grad(plain, weighted_row).abs().sum() > 0.1
     assert "3.0 times their class weight" in recipe_story({"other_weight": 3.0})
+    assert "forearm images weigh 2.0 times" in recipe_story({"part_weights": "forearm=2"})
     assert "class weight in the body-part" not in recipe_story({})
+    assert parse_part_weights(" forearm=2, wrist=1.5 ") == {"forearm": 2.0, "wrist": 1.5}
+    assert TrainSettings(other_weight=3, part_weights="forearm=2").body_part_weights() == {"forearm": 2, "other": 3}
     with pytest.raises(ValueError, match="--other-weight must be positive"):
         TrainSettings(other_weight=0.0)
+    for text, reason in (("other=2", "--other-weight"), ("radius=2", "not one of"), ("forearm", "PART=WEIGHT")):
+        with pytest.raises(ValueError, match=reason):
+            TrainSettings(part_weights=text)
+    with pytest.raises(ValueError, match="forearm's weight must be positive"):
+        TrainSettings(part_weights="forearm=0")
 
 
 def test_mixstyle_mixes_channel_statistics_between_images_and_only_inside_the_with_statement():

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..core.config import ModelConfig
 from ..core.weights import CARD_NAME
 from .evaluate import summary_table
-from .settings import TrainSettings
+from .settings import TrainSettings, parse_part_weights
 
 VALIDATION_AUROC = 0.85  # a part is validated at or above this held-out study AUROC, and above its baseline
 
@@ -287,6 +287,11 @@ def recipe_story(settings: dict) -> str:
         levers.append(
             f"images that are not an upper extremity weigh {settings['other_weight']} times their class weight in the "
             "body-part loss, so that a non-arm image called an arm part costs more than the reverse"
+        )
+    for part, weight in parse_part_weights(settings.get("part_weights")).items():
+        levers.append(
+            f"{part} images weigh {weight} times their class weight in the body-part loss, so that a {part} view "
+            "called a neighbouring part costs more"
         )
     if settings.get("mix_styles"):
         levers.append(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..core.config import BODY_PARTS, OTHER
+
 
 @dataclasses.dataclass
 class TrainSettings:
@@ -37,6 +39,7 @@ class TrainSettings:
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
     mask_margin: float | None = None  # with source_mask: lower the never-shown parts by this (None: leave them out)
     other_weight: float = 1.0  # body-part loss: non-arm images weigh this many times their class weight
+    part_weights: str | None = None  # body-part loss: "forearm=2": that part's images weigh 2 times their class weight
     split_views: bool = False  # UNIFESP films holding several views side by side also train as each view alone
     mix_styles: float = 0.0  # MixStyle: share of images whose early feature statistics are mixed (0: off)
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
@@ -55,8 +58,33 @@ class TrainSettings:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
         if self.other_weight <= 0:
             raise ValueError("--other-weight must be positive: it multiplies the non-arm images' weight in the loss")
+        parse_part_weights(self.part_weights)
         if not 0 <= self.mix_styles <= 1:
             raise ValueError("--mix-styles is the share of images whose feature statistics are mixed: from 0 to 1")
+
+    def body_part_weights(self) -> dict[str, float]:
+        """The multiplier of each body-part class's weight in the loss: ``--part-weights`` and ``--other-weight``."""
+        return {**parse_part_weights(self.part_weights), OTHER: self.other_weight}
+
+
+def parse_part_weights(text: str | None) -> dict[str, float]:
+    """``--part-weights "forearm=2,wrist=1.5"`` -> {"forearm": 2.0, "wrist": 1.5}; refused with the reason when a
+    name is not an arm part (*other* has its own ``--other-weight``) or a weight is not a positive number."""
+    weights = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        part, _, value = item.partition("=")
+        part = part.strip()
+        if part not in BODY_PARTS:
+            raise ValueError(f"--part-weights: {part!r} is not one of {', '.join(BODY_PARTS)} (other: --other-weight)")
+        try:
+            weights[part] = float(value)
+        except ValueError:
+            raise ValueError(f"--part-weights: {item.strip()!r} is not PART=WEIGHT") from None
+        if not weights[part] > 0:
+            raise ValueError(f"--part-weights: {part}'s weight must be positive: it multiplies its images' weight")
+    return weights
 
 
 @dataclasses.dataclass

@@ -137,9 +137,10 @@ class Losses:
     :class:`BodyPartPair`, spends none of its features on abnormality. Without ``body_part``, likewise, the loss is
     the abnormality's alone.
 
-    With ``other_weight`` = w, images whose only answer is *other* weigh w times their class-balanced weight in the
-    body-part loss: a non-arm image called an arm part gets a reading it should never get, which makes that error
-    worse than the reverse one.
+    With ``part_weights`` {class: w}, that class's images weigh w times their class-balanced weight in the body-part
+    loss. For *other* (``--other-weight``): a non-arm image called an arm part gets a reading it should never get,
+    which makes that error worse than the reverse one; for an arm part (``--part-weights``): its views lost to a
+    neighbouring part cost more.
     """
 
     def __init__(
@@ -150,7 +151,7 @@ class Losses:
         source_prior: float = 0.0,
         source_mask: bool = False,
         mask_margin: float | None = None,
-        other_weight: float = 1.0,
+        part_weights: dict[str, float] | None = None,
         abnormality: bool = True,
         body_part: bool = True,
     ):
@@ -175,7 +176,8 @@ class Losses:
         counts = targets[[s.end is None for s in samples]].sum(0).clamp_min(1)  # whole images set the balance
         class_weight = (counts.sum() / counts).sqrt()
         class_weight /= (class_weight * counts).sum() / counts.sum()
-        class_weight[config.body_part_classes.index(OTHER)] *= other_weight
+        for part, weight in (part_weights or {}).items():
+            class_weight[config.body_part_classes.index(part)] *= weight
         self.sample_weight = (self.candidates * class_weight).sum(1) / self.candidates.sum(1)
         self.sibling = crop_siblings(samples)
         classes = config.body_part_classes
@@ -373,7 +375,7 @@ def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distr
             settings.source_prior,
             settings.source_mask,
             settings.mask_margin,
-            settings.other_weight,
+            settings.body_part_weights(),
             abnormality=not settings.body_part_only,
             body_part=not settings.abnormality_only,
         ),
