@@ -6,7 +6,7 @@ same views (hard cases every recipe shares), different ones that follow a lever 
 the reference: the summary counts each other folder's misses shared with it, fixed and added. Paths print to the
 terminal only, so no image of the research data ends up in a file; MURA ``valid`` is never read.
 
-    python -m benchmarks.holdout_misses weights runs/s32/V0/weights runs/s34/F0/weights --group mura/forearm
+    python -m benchmarks.holdout_misses weights runs/s35/pairF0/weights runs/s35/F0/weights --group mura/forearm
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from mura_demo.core.inference import score_body_parts
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import group_of, load_images, load_splits
+from mura_demo.training.evaluate import named_right
 
 
 def misses(folder: str, samples: list, images_at) -> dict[str, str]:
     """Each sample this folder's network names wrong: its path -> the part it was called."""
     model, config = load_folder(folder)
-    top = score_body_parts(model, config, images_at(config.input_size)).argmax(1).tolist()
-    called = [config.body_part_classes[k] for k in top]
-    return {str(s.path): c for s, c in zip(samples, called) if c not in s.body_parts}
+    probs = score_body_parts(model, config, images_at(config.input_size))
+    called = [config.body_part_classes[k] for k in probs.argmax(1).tolist()]
+    return {str(s.path): c for s, c, right in zip(samples, called, named_right(config, samples, probs)) if not right}
 
 
 def main() -> None:
