@@ -3,7 +3,9 @@
 A lever that moves a group's count by two images says little alone: the images tell whether two networks miss the
 same views (hard cases every recipe shares), different ones that follow a lever (its own errors), or scattered ones
 (seed noise). Each folder is read as its config says, the way the app reads a view's body part. The first folder is
-the reference: the summary counts each other folder's misses shared with it, fixed and added. Paths print to the
+the reference: the summary counts each other folder's misses shared with it, fixed and added, and gives the
+one-sided exact McNemar p that the folder is worse than the reference on this group (the images only one of the two
+names right decide it; session 36's holdout rule in ``benchmarks/plans/session-36.md`` reads it). Paths print to the
 terminal only, so no image of the research data ends up in a file; MURA ``valid`` is never read.
 
     python -m benchmarks.holdout_misses weights runs/s35/pairF0/weights runs/s35/F0/weights --group mura/forearm
@@ -19,6 +21,7 @@ from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import group_of, load_images, load_splits
 from mura_demo.training.evaluate import named_right
+from mura_demo.training.metrics import paired_worse_p
 
 
 def misses(folder: str, samples: list, images_at) -> dict[str, str]:
@@ -50,7 +53,8 @@ def main() -> None:
     print(f"\n{args.group}: {len(samples)} holdout images; misses (shared with / fixed from / added to the first):")
     for folder, m in missed.items():
         shared, fixed, added = len(reference & set(m)), len(reference - set(m)), len(set(m) - reference)
-        print(f"  {folder}: {len(m)} ({shared} / {fixed} / {added})")
+        p = paired_worse_p(added, fixed)
+        print(f"  {folder}: {len(m)} ({shared} / {fixed} / {added}); net {added - fixed:+d}, p(worse) = {p:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from mura_demo.training.metrics import (
     bootstrap_ci,
     cohen_kappa,
     cross_validated_threshold,
+    paired_worse_p,
     roc_curve,
     study_scores,
 )
@@ -87,3 +88,11 @@ def test_cross_validated_threshold_picks_the_rule_that_holds_up():
     noisy = np.clip(0.5 + (y - 0.5) * 0.2 + rng.normal(0, 0.25, 120), 0, 1)
     t, info = cross_validated_threshold(y, noisy, patients)
     assert info["rule"] == "fixed_0.5" and t == 0.5
+
+
+def test_paired_worse_p_is_the_exact_one_sided_binomial_tail():
+    assert paired_worse_p(0, 0) == 1.0
+    assert paired_worse_p(5, 0) == pytest.approx(1 / 32)
+    assert paired_worse_p(0, 5) == 1.0
+    assert paired_worse_p(7, 2) == pytest.approx((36 + 9 + 1) / 512)  # P(X >= 7), X ~ Binomial(9, 1/2)
+    assert paired_worse_p(3, 3) > 0.5

@@ -6,6 +6,7 @@ Confidence intervals resample studies (the unit a radiologist reads), not images
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -108,6 +109,16 @@ def cross_validated_threshold(labels, scores, groups, n_splits: int = 100, seed:
     means = {name: float(np.mean(v)) if v else float("nan") for name, v in held_out.items()}
     best = "fixed_0.5" if means["fixed_0.5"] > means["max_kappa"] else "max_kappa"
     return float(np.clip(rules[best](y, s), 1e-4, 1 - 1e-4)), {"rule": best, "held_out_kappa": means}
+
+
+def paired_worse_p(worse: int, better: int) -> float:
+    """One-sided exact McNemar p that a model is worse than a reference on the same images.
+
+    ``worse`` counts the images the reference names right and the model wrong, ``better`` the
+    reverse; images both name alike say nothing about the difference and are left out.
+    """
+    n = worse + better
+    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n
 
 
 def bootstrap_ci(labels, scores, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
