@@ -1,7 +1,8 @@
 """Metrics for binary abnormality and body-part classification, on scikit-learn's definitions.
 
 Study-level scores follow the MURA paper: a study's probability is the mean of its views'.
-Confidence intervals resample studies (the unit a radiologist reads), not images.
+Confidence intervals resample studies (the unit a radiologist reads), not images. Two models
+read on the same images are compared image by image (an exact McNemar test), not by their counts.
 """
 
 from __future__ import annotations
