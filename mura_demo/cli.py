@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .core.checks import SUFFIXES, UserError, find_images
 from .core.weights import WeightsError
-from .training.settings import EvalSettings, TrainSettings
+from .training.settings import VIEW_CHOICES, EvalSettings, TrainSettings
 
 
 def methods_list(text: str) -> tuple[str, ...]:
@@ -79,7 +79,7 @@ def combining_settings(args) -> TrainSettings:
     """Settings of a command that joins trained networks (`average`, `pair`): where the data is, where the model
     goes, its version, and the CPU threads its holdout pass may use."""
     return TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
-                         version=args.version, threads=args.threads)  # fmt: skip
+                         version=args.version, threads=args.threads, view_choice=args.view_choice)  # fmt: skip
 
 
 def run_average(args) -> None:
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out-dir", default=out_dir)
         p.add_argument("--data-root", default=TrainSettings.data_root)
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
+        p.add_argument("--view-choice", choices=VIEW_CHOICES, default=TrainSettings.view_choice,
+                       help="what the body part's size and view maximise on the holdout (see `train`)")  # fmt: skip
 
     def reading_options(p: argparse.ArgumentParser, methods: str | None = "gradcam,gradcam++,saliency") -> None:
         p.add_argument("--body-part", default="auto", help="a body part, or 'auto' to let the model decide")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from mura_demo.core.config import ModelConfig
 from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
-from mura_demo.training.card import network_story, reproduce_story, training_command
+from mura_demo.training.card import inference_story, network_story, reproduce_story, training_command
 from mura_demo.training.data import load_splits
 from mura_demo.training.train import Losses, TrainSettings, subsample, train
 
@@ -106,9 +106,21 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     serving but read where only the body part is."""
     settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, group_balance=0.5, crop_share=0.2,
                               withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0,
-                              body_part_only=True)  # fmt: skip
+                              body_part_only=True, view_choice="images")  # fmt: skip
     train(settings)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
+    training = config["training"]
+    # the body part's size is the one naming the most holdout images right (ties: the mean per group, then larger)
+    merit = {int(size): (n, training["holdout_body_part_accuracy_by_size"][size])
+             for size, n in training["holdout_body_part_images_right_by_size"].items()}  # fmt: skip
+    assert config["body_part_input_size"] == max(sorted(merit, reverse=True), key=merit.get)
+    equalized = (training["holdout_body_part_images_right_with_equalized_view"],
+                 training["holdout_body_part_accuracy_with_equalized_view"])  # fmt: skip
+    assert config["body_part_equalized_view"] == (equalized > merit[config["body_part_input_size"]])
+    served = equalized if config["body_part_equalized_view"] else merit[config["body_part_input_size"]]
+    groups = config["metrics"]["holdout"]["body_part_by_group"].values()
+    assert served[0] == round(sum(g["accuracy"] * g["images"] for g in groups))
+    assert "chosen by the holdout images named right" in inference_story(ModelConfig.load(tmp_path / "weights"))
     used = config["training"]["settings"]
     assert (used["style"], used["group_balance"], used["crop_share"], used["withhold"]) == (1.0, 0.5, 0.2, "mura:elbow")
     assert used["source_mask"] is True and used["body_part_only"] is True and config["training"]["epochs_run"] == 1

@@ -111,9 +111,7 @@ def reproduce_story(training: dict) -> str:
     commands = [training_command(run["settings"]) for run in runs]
     own = training["settings"]
     joined = [*(run["folder"] for run in runs), "--version", own.get("version", ""), "--export-dir"]
-    joined += [str(own.get("export_dir"))]
-    if setting(own, "data_root") != TrainSettings.data_root:  # finalized on packed images
-        joined += ["--data-root", own["data_root"]]
+    joined += [str(own.get("export_dir")), *finalize_flags(own)]
     if weighted(runs):
         joined += ["--shares", *(f"{run['share']:g}" for run in runs)]
     commands.append("python -m mura_demo average " + shlex.join(joined))
@@ -123,6 +121,16 @@ def reproduce_story(training: dict) -> str:
     code = "\n".join(commands)
     intro = f"The {average_kind(runs)} of the weights of {len(runs)} runs ({names}), finalized like a run:{note}"
     return f"{intro}\n\n```\n{code}\n```"
+
+
+def finalize_flags(settings: dict) -> list[str]:
+    """The options of `average` or `pair` that change their finalize: where the holdout images were read (packed
+    ones, for a GPU) and what chose the body part's size and view."""
+    flags = []
+    for key in ("data_root", "view_choice"):
+        if setting(settings, key) != getattr(TrainSettings, key):
+            flags += [f"--{key.replace('_', '-')}", settings[key]]
+    return flags
 
 
 def weighted(runs: list[dict]) -> bool:
@@ -192,6 +200,11 @@ def inference_story(config: ModelConfig) -> str:
         )
     if by_size:
         story += "; holdout body-part accuracy by size: " + ", ".join(f"{s} px {a:.3f}" for s, a in by_size.items())
+    right_by_size = config.training.get("holdout_body_part_images_right_by_size")
+    if right_by_size and setting(config.training.get("settings", {}), "view_choice") == "images":
+        story += "; chosen by the holdout images named right: " + ", ".join(
+            f"{s} px {n}" for s, n in right_by_size.items()
+        )
     with_view = config.training.get("holdout_body_part_accuracy_with_equalized_view")
     if config.body_part_equalized_view:
         story += (
@@ -392,9 +405,7 @@ def reproduce_section(config: ModelConfig) -> str:
         )
     own = training["settings"]
     joined = ["--body-part", paired["body_part"]["folder"], "--abnormality", paired["abnormality"]["folder"]]
-    joined += ["--version", own.get("version", ""), "--export-dir", str(own.get("export_dir"))]
-    if setting(own, "data_root") != TrainSettings.data_root:
-        joined += ["--data-root", own["data_root"]]
+    joined += ["--version", own.get("version", ""), "--export-dir", str(own.get("export_dir")), *finalize_flags(own)]
     networks = "\n\n".join(
         f"The {role.replace('_', '-')} network (version {net['version']}, weights `{net['folder']}`; "
         f"{epoch_minutes(net['training']):.0f} minutes of epochs, best epoch: {net['training'].get('best_epoch')}). "
