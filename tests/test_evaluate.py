@@ -78,7 +78,7 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
                                  source_mask=True)  # fmt: skip
     train(masked)
     average = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "avg"), export_dir=str(tmp_path / "avg-w"),
-                            version="loso-avg")  # fmt: skip
+                            version="loso-avg", view_choice="images")  # fmt: skip
     average_runs([loso.export_dir, masked.export_dir], average)
     weights = shutil.copytree(BUNDLED, tmp_path / "weights")
     settings = EvalSettings(
@@ -136,7 +136,8 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert f"names **{gate['test']['accuracy']:.1%}** of the {len(elbows)} images" in card
     assert "--withhold mura:elbow" in card and "--source-mask" in card  # the two runs the average joined
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
-    assert f"{joined} {average.export_dir} --data-root {average.data_root}\n" in card  # finalized on its data
+    # finalized on its data, its body part's view chosen by images
+    assert f"{joined} {average.export_dir} --data-root {average.data_root} --view-choice images\n" in card
     # the bundled weights' runs used no end crops and neither loss lever, so the card names none; with them on, all
     assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
     assert "the body-part loss alone" not in card

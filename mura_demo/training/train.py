@@ -583,8 +583,8 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     """One network from the average of the weights of runs fine-tuned from the same ImageNet start (uniform, or
     weighted by ``shares``): a weight-space ensemble that keeps some of what each run learnt for the cost of one
     network. It is finalized on the holdout like a training run (flip, body-part input size and thresholds chosen
-    again), with the runs' own settings and shares on record; ``settings`` gives the data root, output folders and
-    version, the first run the rest. The runs must agree on architecture, input size and withheld part.
+    again), with the runs' own settings and shares on record; ``settings`` gives the data root, output folders,
+    version and view choice, the first run the rest. The runs must agree on architecture, input size and withheld part.
     """
     shares = normalized_shares(shares, len(folders))
     loaded = [load_folder(folder) for folder in folders]
@@ -599,7 +599,7 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
     settings = dataclasses.replace(base, data_root=settings.data_root, out_dir=settings.out_dir,
                                    export_dir=settings.export_dir, version=settings.version,
-                                   threads=settings.threads)  # fmt: skip
+                                   threads=settings.threads, view_choice=settings.view_choice)  # fmt: skip
     config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
     model = create_model(config)
     model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
@@ -616,7 +616,8 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
     """One model from two trained networks: the body part read by the first, the abnormality by the second (a
     :class:`BodyPartPair`). Stored as int8 to keep both networks within the weights budget, it is rounded to
     int8 first and then finalized on the holdout like a run (flip, body-part input size and view, thresholds), so
-    that every choice is made on the numbers that ship. ``settings`` gives the data root, folders and version.
+    that every choice is made on the numbers that ship. ``settings`` gives the data root, folders, version and view
+    choice.
     """
     (body_net, body_cfg), (abnormal_net, abnormal_cfg) = load_folder(body_part_folder), load_folder(abnormality_folder)
     shared = ("architecture", "input_size", "mean", "std", "body_parts")
