@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .core.checks import SUFFIXES, UserError, find_images
 from .core.weights import WeightsError
-from .training.settings import VIEW_CHOICES, EvalSettings, TrainSettings
+from .training.settings import JOINING_SETTINGS, VIEW_CHOICES, EvalSettings, TrainSettings
 
 
 def methods_list(text: str) -> tuple[str, ...]:
@@ -77,9 +77,8 @@ def run_train(args) -> None:
 
 def combining_settings(args) -> TrainSettings:
     """Settings of a command that joins trained networks (`average`, `pair`): where the data is, where the model
-    goes, its version, and the CPU threads its holdout pass may use."""
-    return TrainSettings(data_root=args.data_root, out_dir=args.out_dir, export_dir=args.export_dir,
-                         version=args.version, threads=args.threads, view_choice=args.view_choice)  # fmt: skip
+    goes, its version, the CPU threads its holdout pass may use and what chooses the body part's view."""
+    return TrainSettings(**{name: getattr(args, name) for name in JOINING_SETTINGS})
 
 
 def run_average(args) -> None:

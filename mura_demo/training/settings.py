@@ -11,6 +11,10 @@ from ..core.config import BODY_PARTS, OTHER
 # images named right (small UNIFESP groups then weigh by their images, not as much as hundreds of MURA images).
 VIEW_CHOICES = ("groups", "images")
 
+# What a command that joins trained networks (`average`, `pair`) takes from its own command line; an average takes
+# the rest from its first run.
+JOINING_SETTINGS = ("data_root", "out_dir", "export_dir", "version", "threads", "view_choice")
+
 
 @dataclasses.dataclass
 class TrainSettings:

@@ -54,7 +54,7 @@ from .data import (
 )
 from .evaluate import body_part_by_group, named_right
 from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
-from .settings import TrainSettings
+from .settings import JOINING_SETTINGS, TrainSettings
 
 BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
 MIX_STYLE_BLOCKS = (1, 2, 3)  # MixStyle after these backbone stages (strides 4, 8, 16), as after ResNet's first three
@@ -583,8 +583,8 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     """One network from the average of the weights of runs fine-tuned from the same ImageNet start (uniform, or
     weighted by ``shares``): a weight-space ensemble that keeps some of what each run learnt for the cost of one
     network. It is finalized on the holdout like a training run (flip, body-part input size and thresholds chosen
-    again), with the runs' own settings and shares on record; ``settings`` gives the data root, output folders,
-    version and view choice, the first run the rest. The runs must agree on architecture, input size and withheld part.
+    again), with the runs' own settings and shares on record; ``settings`` gives what the command names
+    (``JOINING_SETTINGS``), the first run the rest. The runs must agree on architecture, input size and withheld part.
     """
     shares = normalized_shares(shares, len(folders))
     loaded = [load_folder(folder) for folder in folders]
@@ -597,9 +597,7 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
         raise ValueError("only runs of one architecture, input size and withheld part can be averaged")
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
-    settings = dataclasses.replace(base, data_root=settings.data_root, out_dir=settings.out_dir,
-                                   export_dir=settings.export_dir, version=settings.version,
-                                   threads=settings.threads, view_choice=settings.view_choice)  # fmt: skip
+    settings = dataclasses.replace(base, **{name: getattr(settings, name) for name in JOINING_SETTINGS})
     config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
     model = create_model(config)
     model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
