@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: OMP_NUM_THREADS or the cores)")
         p.add_argument("--view-choice", choices=VIEW_CHOICES, default=TrainSettings.view_choice,
                        help="what the body part's size and view maximise on the holdout (see `train`)")  # fmt: skip
+        p.add_argument("--other-shift", action="store_true",
+                       help="shift the body-part head's other logit by a holdout choice (see `train`)")  # fmt: skip
 
     def reading_options(p: argparse.ArgumentParser, methods: str | None = "gradcam,gradcam++,saliency") -> None:
         p.add_argument("--body-part", default="auto", help="a body part, or 'auto' to let the model decide")

@@ -3,6 +3,7 @@ the views of a composite film and the candidate-set loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -151,6 +152,27 @@ def test_draws_give_crops_their_share_and_balance_groups():
     assert float(weights[elbow].sum()) == pytest.approx(0.4)  # two groups of whole images, drawn alike
     natural = draw_weights(samples, TrainSettings(group_balance=1.0, crop_share=0.2))
     assert float(natural[elbow].sum()) == pytest.approx(0.8 * 10 / 100)
+
+
+def test_region_balance_spreads_the_non_arm_share_over_regions():
+    """The non-arm group keeps its share of the draws; within it, each region is drawn by its size to the power
+    of the group balance, so 16 knees weigh half as much as 64 chests at 0.5, not a quarter."""
+    other = [dataclasses.replace(sample(["other"], "unifesp", None), region=r) for r in ["Chest"] * 64 + ["Knee"] * 16]
+    samples = [sample(["forearm"])] * 100 + other
+    plain = draw_weights(samples, TrainSettings(group_balance=0.5))
+    spread = draw_weights(samples, TrainSettings(group_balance=0.5, region_balance=True))
+    non_arm = torch.tensor([s.body_parts == ("other",) for s in samples])
+    knee = torch.tensor([s.region == "Knee" for s in samples])
+    assert (
+        float(spread[non_arm].sum())
+        == pytest.approx(float(plain[non_arm].sum()))
+        == pytest.approx(80**0.5 / (10 + 80**0.5))
+    )
+    assert torch.equal(spread[~non_arm], plain[~non_arm])  # a group without regions is drawn as before
+    assert float(plain[knee].sum() / plain[non_arm & ~knee].sum()) == pytest.approx(16 / 64)
+    assert float(spread[knee].sum() / spread[non_arm & ~knee].sum()) == pytest.approx(4 / 8)
+    with pytest.raises(ValueError, match="needs --group-balance"):
+        TrainSettings(region_balance=True)
 
 
 def test_a_candidate_set_is_right_with_any_of_its_parts():

@@ -18,6 +18,7 @@ from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
 from mura_demo.training.card import inference_story, network_story, reproduce_story, training_command
 from mura_demo.training.data import load_splits
+from mura_demo.training.other_shift import OTHER_SHIFTS
 from mura_demo.training.train import Losses, TrainSettings, subsample, train
 
 pytestmark = needs_data
@@ -103,10 +104,10 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     elbows withheld: a short run trains on none of the withheld images and records the levers it used; a spent
     time budget stops it after its first epoch, and the best epoch so far is still exported. Trained for the body
     part alone, its epochs are chosen by body part, it gets no abnormality thresholds, and it is refused for
-    serving but read where only the body part is."""
+    serving but read where only the body part is. Its *other* logit is shifted as its holdout chose."""
     settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, group_balance=0.5, crop_share=0.2,
                               withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0,
-                              body_part_only=True, view_choice="images")  # fmt: skip
+                              body_part_only=True, view_choice="images", other_shift=True)  # fmt: skip
     train(settings)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
     training = config["training"]
@@ -117,9 +118,13 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     equalized = (training["holdout_body_part_images_right_with_equalized_view"],
                  training["holdout_body_part_accuracy_with_equalized_view"])  # fmt: skip
     assert config["body_part_equalized_view"] == (equalized > merit[config["body_part_input_size"]])
-    served = equalized if config["body_part_equalized_view"] else merit[config["body_part_input_size"]]
-    groups = config["metrics"]["holdout"]["body_part_by_group"].values()
-    assert served[0] == round(sum(g["accuracy"] * g["images"] for g in groups))
+    viewed = equalized if config["body_part_equalized_view"] else merit[config["body_part_input_size"]]
+    # then the *other* shift: the figures served are the shifted ones, never fewer images right than unshifted
+    shift, groups = training["other_shift"], config["metrics"]["holdout"]["body_part_by_group"]
+    named = round(sum(g["accuracy"] * g["images"] for g in groups.values()))
+    assert shift["shift"] in OTHER_SHIFTS and len(shift["half_shifts"]) == 2
+    assert named >= viewed[0] and (named == viewed[0] or shift["shift"] != 0)
+    assert set(shift["holdout_body_part_by_group_cross_fitted"]) == set(groups)
     assert "chosen by the holdout images named right" in inference_story(ModelConfig.load(tmp_path / "weights"))
     used = config["training"]["settings"]
     assert (used["style"], used["group_balance"], used["crop_share"], used["withhold"]) == (1.0, 0.5, 0.2, "mura:elbow")

@@ -125,11 +125,12 @@ def reproduce_story(training: dict) -> str:
 
 def finalize_flags(settings: dict) -> list[str]:
     """The options of `average` or `pair` that change their finalize: where the holdout images were read (packed
-    ones, for a GPU) and what chose the body part's size and view."""
+    ones, for a GPU), what chose the body part's size and view, and whether the *other* logit was shifted."""
     flags = []
-    for key in ("data_root", "view_choice"):
-        if setting(settings, key) != getattr(TrainSettings, key):
-            flags += [f"--{key.replace('_', '-')}", settings[key]]
+    for key in ("data_root", "view_choice", "other_shift"):
+        value = setting(settings, key)
+        if value != getattr(TrainSettings, key):
+            flags += [f"--{key.replace('_', '-')}", *([] if isinstance(value, bool) else [str(value)])]
     return flags
 
 
@@ -213,7 +214,19 @@ def inference_story(config: ModelConfig) -> str:
         )
     if with_view is not None:
         story += f"; holdout body-part accuracy with the equalised view {with_view:.3f}"
-    return story
+    return story + other_shift_story(config.training.get("other_shift"))
+
+
+def other_shift_story(shift: dict | None) -> str:
+    """What ``--other-shift`` chose, and the cross-fitted holdout figure that judges the choice."""
+    if not shift:
+        return ""
+    halves = " / ".join(f"{s:+.2f}" for s in shift["half_shifts"])
+    return (
+        f". The body-part head's *other* logit is shifted by {shift['shift']:+.2f}, the shift the holdout chose "
+        f"like the view (each half of its patients chose {halves}; each half read with the other half's choice, "
+        f"the mean accuracy per source and part is {shift['holdout_body_part_accuracy_cross_fitted']:.3f})"
+    )
 
 
 def body_part_table(by_group: dict) -> str:
@@ -274,6 +287,11 @@ def recipe_story(settings: dict) -> str:
         )
     if settings.get("group_balance") is not None:
         levers.append(f"draws balanced across source-and-part groups (size to the power {settings['group_balance']})")
+    if settings.get("region_balance"):
+        levers.append(
+            "within each group, the regions of its images drawn the same way (UNIFESP's non-arm images: the few dozen "
+            "knees, feet and lower legs, the non-arm views most like an arm, no longer drowned by hundreds of chests)"
+        )
     if settings.get("crop_share"):
         levers.append(
             f"MURA-style views of other parts cut from the two ends of MURA forearm and humerus images "

@@ -47,6 +47,7 @@ class Sample:
     source: str  # "mura" or "unifesp"
     end: str | None = None  # "first"/"last": only this end of the image's long side (an end crop)
     panel: Box | None = None  # only this box of a film that holds several views
+    region: str = ""  # a non-arm UNIFESP image's region label ("Chest", "Knee;Lower Leg"): what it is instead
 
 
 def bucket(key: str) -> int:
@@ -85,12 +86,13 @@ def unifesp_samples(folder: str | Path) -> list[Sample]:
         for row in csv.DictReader(fh):
             regions = [r.strip() for r in row["classes"].split(";") if r.strip()]
             parts = tuple(sorted({UNIFESP_PARTS[r] for r in regions if r in UNIFESP_PARTS}))
+            region = ""
             if not parts:
                 if regions == [UNIFESP_AMBIGUOUS]:
                     continue
-                parts = (OTHER,)
+                parts, region = (OTHER,), ";".join(regions)
             key = row["image"]
-            samples.append(Sample(folder / key, parts, None, key, key, "unifesp"))
+            samples.append(Sample(folder / key, parts, None, key, key, "unifesp", region=region))
     return samples
 
 

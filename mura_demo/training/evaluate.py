@@ -188,6 +188,26 @@ def body_part_by_group(config: ModelConfig, samples: list[Sample], bp_prob) -> d
     }
 
 
+def body_part_summary(config: ModelConfig, samples: list[Sample], bp_prob) -> dict:
+    """Body-part figures of a holdout read as ``bp_prob``: accuracy per source and part, their mean (so the
+    thousands of MURA forearm and humerus images cannot hide a failing group of a few dozen) and the images right."""
+    by_group = body_part_by_group(config, samples, bp_prob)
+    return {
+        "body_part_by_group": by_group,
+        "body_part_accuracy": float(np.mean([g["accuracy"] for g in by_group.values()])),
+        "body_part_images_right": int(named_right(config, samples, bp_prob).sum()),
+    }
+
+
+def body_part_merit(summary: dict, view_choice: str):
+    """What the holdout's body-part choices (serving size, view, *other* shift) maximise: "groups", the mean
+    accuracy per source and part (one of UNIFESP's 5 holdout shoulders weighs as much as 57 MURA forearms);
+    "images", the images named right, ties broken by that mean, so a group's say follows its images."""
+    if view_choice == "images":
+        return summary["body_part_images_right"], summary["body_part_accuracy"]
+    return summary["body_part_accuracy"]
+
+
 def withheld_report(config: ModelConfig, samples: list[Sample], bp_probs: np.ndarray) -> dict:
     """How a model that never saw these images' source-and-part names them: the share called their part,
     what else it called them, and how confident the misroutes were (top-class probability quantiles)."""

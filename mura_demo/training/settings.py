@@ -13,7 +13,7 @@ VIEW_CHOICES = ("groups", "images")
 
 # What a command that joins trained networks (`average`, `pair`) takes from its own command line; an average takes
 # the rest from its first run.
-JOINING_SETTINGS = ("data_root", "out_dir", "export_dir", "version", "threads", "view_choice")
+JOINING_SETTINGS = ("data_root", "out_dir", "export_dir", "version", "threads", "view_choice", "other_shift")
 
 
 @dataclasses.dataclass
@@ -42,6 +42,7 @@ class TrainSettings:
     withhold: str | None = None  # "mura:elbow": leave that source's part out (leave-one-source-out run)
     style: float = 0.0  # strength of cross-source style randomisation (0: off, 1: every trait at its rate)
     group_balance: float | None = None  # draw each source-and-part group by size**this (None: plain shuffle)
+    region_balance: bool = False  # with group_balance: a group's draws spread over its regions (non-arm) the same way
     crop_share: float = 0.0  # share of draws from MURA end crops (elbow/wrist/shoulder candidates)
     source_prior: float = 0.0  # body-part loss: add this times log P(part | source) to the logits (0: off)
     source_mask: bool = False  # body-part loss: each image's softmax only over the parts its source shows in training
@@ -53,6 +54,7 @@ class TrainSettings:
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     view_choice: str = "groups"  # the body part's size and view on the holdout: "groups" or "images" (see train)
+    other_shift: bool = False  # finalize: add to the *other* logit the shift the holdout chooses (other_shift.py)
     last_epoch: bool = False  # keep the last epoch (its EMA) instead of the best holdout one, no early stop
     time_budget: float | None = None  # minutes: start no epoch after this (one always runs), export the best so far
     limit: int | None = None  # smoke runs: at most this many train and holdout images
@@ -65,6 +67,8 @@ class TrainSettings:
             raise ValueError("--body-part-only and --abnormality-only exclude each other")
         if self.abnormality_only and self.crop_share:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
+        if self.region_balance and self.group_balance is None:
+            raise ValueError("--region-balance spreads each group's share of the draws: it needs --group-balance")
         if self.other_weight <= 0:
             raise ValueError("--other-weight must be positive: it multiplies the non-arm images' weight in the loss")
         parse_part_weights(self.part_weights)

@@ -52,8 +52,9 @@ from .data import (
     single_views,
     withhold,
 )
-from .evaluate import body_part_by_group, named_right
+from .evaluate import body_part_merit, body_part_summary
 from .metrics import auroc, binary_metrics, cross_validated_threshold, study_scores
+from .other_shift import shift_other_logit
 from .settings import JOINING_SETTINGS, TrainSettings
 
 BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
@@ -270,9 +271,7 @@ def holdout_report(
     report: dict = {
         "auroc": {part: auroc(y, p) for part, (_, y, p) in part_study_scores(config, samples, ab_prob).items()}
     }
-    report["body_part_by_group"] = body_part_by_group(config, samples, bp_prob)
-    report["body_part_accuracy"] = float(np.mean([g["accuracy"] for g in report["body_part_by_group"].values()]))
-    report["body_part_images_right"] = int(named_right(config, samples, bp_prob).sum())
+    report |= body_part_summary(config, samples, bp_prob)
     report["score"] = float(np.mean(list(report["auroc"].values()))) if report["auroc"] else 0.0
     if by_body_part:
         report["score"] = report["body_part_accuracy"]
@@ -286,13 +285,20 @@ def draw_weights(samples: list[Sample], settings: TrainSettings) -> torch.Tensor
     to its size to the power a: 1 is the natural mix, 0 draws every group equally often, so the
     few dozen UNIFESP elbows are not drowned by thousands of MURA forearms. End crops then take
     ``crop_share`` of the draws, drawn as pairs (both ends of one image; see :class:`Losses`).
+    With ``region_balance`` a group's share is spread over the regions of its images the same way (UNIFESP's
+    non-arm images: 508 chests would otherwise drown the few dozen knees, feet and lower legs, the non-arm views
+    that look like an arm and that the body part gets wrong).
     """
     if settings.group_balance is None and not settings.crop_share:
         return None
     alpha = 1.0 if settings.group_balance is None else settings.group_balance
     groups = [group_of(s) for s in samples]
-    size = Counter(groups)
-    weights = torch.tensor([size[g] ** (alpha - 1) for g in groups], dtype=torch.float64)
+    regions = [(g, s.region if settings.region_balance else "") for g, s in zip(groups, samples)]
+    size, region_size, spread = Counter(groups), Counter(regions), Counter()
+    for (group, _), n in region_size.items():
+        spread[group] += n**alpha
+    weights = torch.tensor([size[g] ** alpha * region_size[g, r] ** (alpha - 1) / spread[g] for g, r in regions],
+                           dtype=torch.float64)  # fmt: skip
     crop = torch.tensor([s.end is not None for s in samples])
     weights[crop & (crop_siblings(samples) < 0)] = 0.0  # a crop pair is drawn through its first end
     for chosen, share in ((crop, settings.crop_share), (~crop, 1 - settings.crop_share)):
@@ -662,7 +668,8 @@ def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: d
 
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
     """Load the best epoch; on the holdout, decide on test-time flips, the body part's view (not for a network
-    trained for the abnormality alone, whose body-part head never learnt) and per-part thresholds; export."""
+    trained for the abnormality alone, whose body-part head never learnt), with ``--other-shift`` the shift of its
+    *other* logit, and per-part thresholds; export."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
     scores = {}
@@ -675,6 +682,13 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     body_part = {}
     if not settings.abnormality_only:  # its body-part head never learnt: no view to choose
         body_part = choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, settings.view_choice)
+        chosen_prob = body_part.pop("bp_prob")
+        if settings.other_shift:
+            served, body_part["training"]["other_shift"] = shift_other_logit(
+                model, holdout, chosen_prob, settings.view_choice
+            )
+            body_part["metrics"] = {k: v for k, v in body_part_summary(config, holdout, served).items()
+                                    if k in ("body_part_accuracy", "body_part_by_group")}  # fmt: skip
     holdout_metrics, threshold_rules = {}, {}
     for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
         if part not in losses.parts_with_labels or settings.body_part_only:  # an untrained head gets no thresholds
@@ -715,19 +729,10 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     return config
 
 
-def body_part_merit(report: dict, view_choice: str):
-    """What the body part's serving size and view maximise on the holdout. "groups": the mean accuracy per source
-    and part (one of UNIFESP's 5 holdout shoulders weighs as much as 57 MURA forearms); "images": the images named
-    right, ties broken by that mean, so a group's say follows its images."""
-    if view_choice == "images":
-        return report["body_part_images_right"], report["body_part_accuracy"]
-    return report["body_part_accuracy"]
-
-
 def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, view_choice: str) -> dict:
     """On the holdout, choose the body part's input size and whether its equalised view joins in (set on
-    ``model.config``, by :func:`body_part_merit`); return the chosen view's holdout figures and what each choice
-    scored."""
+    ``model.config``, by :func:`body_part_merit`); return the chosen view's holdout probabilities and figures and
+    what each choice scored."""
     config = model.config
     bp_probs = {config.input_size: bp_prob}
     for size in (s for s in BODY_PART_SIZES if s < config.input_size):
@@ -737,12 +742,15 @@ def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, view
     merit = {size: body_part_merit(r, view_choice) for size, r in reports.items()}
     config.body_part_input_size = max(merit, key=merit.get)  # ties keep the larger size
     chosen = reports[config.body_part_input_size]
+    chosen_prob = bp_probs[config.body_part_input_size]
     config.body_part_equalized_view = True
-    equalized = holdout_report(config, holdout, score_body_parts(model, config, holdout_images), ab_prob)
+    equalized_prob = score_body_parts(model, config, holdout_images)
+    equalized = holdout_report(config, holdout, equalized_prob, ab_prob)
     config.body_part_equalized_view = body_part_merit(equalized, view_choice) > body_part_merit(chosen, view_choice)
     if config.body_part_equalized_view:
-        chosen = equalized
+        chosen, chosen_prob = equalized, equalized_prob
     return {
+        "bp_prob": chosen_prob,
         "metrics": {k: chosen[k] for k in ("body_part_accuracy", "body_part_by_group")},
         "training": {
             "holdout_body_part_accuracy_by_size": {size: r["body_part_accuracy"] for size, r in reports.items()},
