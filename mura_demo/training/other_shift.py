@@ -17,7 +17,7 @@ import torch
 
 from ..core.config import ModelConfig
 from .data import Sample, bucket
-from .evaluate import body_part_by_group, body_part_merit, body_part_summary
+from .evaluate import body_part_merit, body_part_summary
 
 OTHER_SHIFTS = tuple(float(s) for s in np.arange(-3.0, 3.0 + 1e-9, 0.25))
 
@@ -75,7 +75,7 @@ def shift_other_logit(
 ) -> tuple[torch.Tensor, dict]:
     """Choose the shift on the holdout (``samples``, read as ``bp_prob``) and add it to the body-part head's
     *other* bias as the weights file stores it (float16). Returns the holdout's probabilities as served and the
-    figures for the run's record: the shift, each half's and the cross-fitted accuracy per source and part."""
+    figures for the run's record: the shift, each half's, and the cross-fitted figures per source and part."""
     config = model.config
     choice = choose_other_shift(config, samples, bp_prob, view_choice)
     bias = model.body_part_head.bias
@@ -88,6 +88,6 @@ def shift_other_logit(
         "half_shifts": choice["half_shifts"],
         "holdout_body_part_accuracy_cross_fitted": cross_fitted["body_part_accuracy"],
         "holdout_body_part_images_right_cross_fitted": cross_fitted["body_part_images_right"],
-        "holdout_body_part_by_group_cross_fitted": body_part_by_group(config, samples, choice["cross_fitted"]),
+        "holdout_body_part_by_group_cross_fitted": cross_fitted["body_part_by_group"],
     }
     return served, record
