@@ -138,9 +138,6 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     joined = f"python -m mura_demo average {loso.export_dir} {masked.export_dir} --version loso-avg --export-dir"
     # finalized on its data, its body part's view chosen by images
     assert f"{joined} {average.export_dir} --data-root {average.data_root} --view-choice images\n" in card
-    # the bundled weights' runs used no end crops and neither loss lever, so the card names none; with them on, all
-    assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
-    assert "the body-part loss alone" not in card
     paired = config["training"].get("paired")
     if paired:  # a pair's card tells each network's training and how the two were joined
         body, abnormal = paired["body_part"], paired["abnormality"]
@@ -148,7 +145,14 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
         assert f"**The abnormality network** (version {abnormal['version']})" in card
         assert f"python -m mura_demo pair --body-part {body['folder']} --abnormality {abnormal['folder']}" in card
         assert "shipped body-part network but with every MURA elbow image withheld" in card
+    # a run with no end crops and neither loss lever: the card names none; with them on, all
     record = paired["body_part"]["training"] if paired else config["training"]
+    record["settings"] |= {"source_mask": False, "source_prior": 0.0, "crop_share": 0.0, "body_part_only": False}
+    (weights / "config.json").write_text(json.dumps(config))
+    write_model_card(weights, report | {"n_boot": settings.n_boot})
+    card = (weights / "README.md").read_text()
+    assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
+    assert "the body-part loss alone" not in card
     record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2,
                            "body_part_only": True}  # fmt: skip
     (weights / "config.json").write_text(json.dumps(config))
