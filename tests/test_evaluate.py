@@ -154,7 +154,7 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
     assert "the body-part loss alone" not in card
     record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2,
-                           "body_part_only": True}  # fmt: skip
+                           "body_part_only": True, "last_epoch": False}  # fmt: skip
     (weights / "config.json").write_text(json.dumps(config))
     write_model_card(weights, report | {"n_boot": settings.n_boot})
     card = (weights / "README.md").read_text()
@@ -162,8 +162,8 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
     assert "0.5 times the log of each source's body-part distribution" in card and "(20% of the draws;" in card
     assert "the body-part loss alone" in card and "mean body-part accuracy over its source-and-part" in card
     assert "--body-part-only" in card
-    # and the card of one network, as a training run writes it
-    single = shutil.copytree(bundled_networks(tmp_path / "nets")[0], tmp_path / "single")
+    # and the card of one network, as a training run writes it (the abnormality network: one run, not an average)
+    single = shutil.copytree(bundled_networks(tmp_path / "nets")[1], tmp_path / "single")
     write_model_card(single, report | {"n_boot": settings.n_boot})
     card = (single / "README.md").read_text()
     assert "One `tf_efficientnet_lite0` backbone" in card and "One training run:" in card
