@@ -145,19 +145,21 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
         assert f"**The abnormality network** (version {abnormal['version']})" in card
         assert f"python -m mura_demo pair --body-part {body['folder']} --abnormality {abnormal['folder']}" in card
         assert "shipped body-part network but with every MURA elbow image withheld" in card
-    # a run with no end crops and neither loss lever: the card names none; with them on, all
     record = paired["body_part"]["training"] if paired else config["training"]
-    record["settings"] |= {"source_mask": False, "source_prior": 0.0, "crop_share": 0.0, "body_part_only": False}
-    (weights / "config.json").write_text(json.dumps(config))
-    write_model_card(weights, report | {"n_boot": settings.n_boot})
-    card = (weights / "README.md").read_text()
+
+    def card_with(**changes) -> str:
+        """The card written again after the body-part network's recorded settings are changed."""
+        record["settings"] |= changes
+        (weights / "config.json").write_text(json.dumps(config))
+        write_model_card(weights, report | {"n_boot": settings.n_boot})
+        return (weights / "README.md").read_text()
+
+    # a run with no end crops and neither loss lever: the card names none; with them on, all
+    card = card_with(source_mask=False, source_prior=0.0, crop_share=0.0, body_part_only=False)
     assert "source mask" not in card and "body-part distribution" not in card and "of the draws" not in card
     assert "the body-part loss alone" not in card
-    record["settings"] |= {"source_mask": True, "mask_margin": 3.0, "source_prior": 0.5, "crop_share": 0.2,
-                           "body_part_only": True, "last_epoch": False}  # fmt: skip
-    (weights / "config.json").write_text(json.dumps(config))
-    write_model_card(weights, report | {"n_boot": settings.n_boot})
-    card = (weights / "README.md").read_text()
+    card = card_with(source_mask=True, mask_margin=3.0, source_prior=0.5, crop_share=0.2, body_part_only=True,
+                     last_epoch=False)  # fmt: skip
     assert "a source mask (each image's body-part softmax" in card and "the others stay in, lowered by 3.0" in card
     assert "0.5 times the log of each source's body-part distribution" in card and "(20% of the draws;" in card
     assert "the body-part loss alone" in card and "mean body-part accuracy over its source-and-part" in card
