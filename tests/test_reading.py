@@ -20,6 +20,7 @@ from mura_demo.serving.reading import (
     read_study,
     read_view,
 )
+from mura_demo.serving.report import reading_lines
 
 CONFIG = ModelConfig(
     validated={p: p in ("forearm", "humerus") for p in BODY_PARTS},
@@ -102,6 +103,22 @@ def test_mostly_other_views_make_no_upper_extremity_study():
     views = [scores(forearm=0.95), scores(other=0.95), scores(other=0.9)]
     reading = read_study(CONFIG, views, AUTO, None, "r1")
     assert reading.study["body_part"] is None and reading.study["verdict"] == NOT_UPPER_EXTREMITY
+
+
+def test_a_study_that_is_no_upper_extremity_radiograph_is_told_in_two_lines():
+    """The heading says it once; the lines give the figure and what to do (on a phone both fit the first screen),
+    and name the views answered *other* only when some were not."""
+    lines = reading_lines(read_study(CONFIG, [scores(other=0.9), scores(other=0.8)], AUTO, None, "r1").study)
+    assert lines[0] == "Body part: other (the model gives it 85%; mean of the views)" and "choose its body" in lines[1]
+    assert len(lines) == 3 and lines[2].startswith("Model: ")
+    views = [scores(forearm=0.95), scores(other=0.95), scores(other=0.9)]
+    assert "Not upper-extremity radiographs: view 2, 3" in reading_lines(
+        read_study(CONFIG, views, AUTO, None, "r1").study
+    )
+    views = [scores(forearm=0.95), scores(other=0.9), scores(forearm=0.9)]
+    assert "Left out as not upper-extremity radiographs: view 2" in reading_lines(
+        read_study(CONFIG, views, AUTO, None, "r1").study
+    )
 
 
 def test_a_tie_between_parts_in_a_study_is_uncertain_not_the_first_class():

@@ -33,9 +33,9 @@ def reading_lines(study: dict) -> list[str]:
     part, n = study["body_part"], study["n_views"]
     if part is None:
         other = study["body_part_probabilities"]["other"]
+        # The heading already says so: the first line gives the figure, the second what to do.
         lines = [
-            f"Not an upper-extremity radiograph: the body-part model gives 'other' {other:.0%}"
-            + (" (mean of the views)." if n > 1 else "."),
+            f"Body part: other (the model gives it {other:.0%}{'; mean of the views' if n > 1 else ''})",
             study["note"],
         ]
     else:
@@ -50,9 +50,10 @@ def reading_lines(study: dict) -> list[str]:
         ]
         if study["note"]:
             lines.append(study["note"])
-    if study["views_answered_other"]:
+    if study["views_answered_other"] and (part or len(study["views_answered_other"]) < n):  # all: the heading says so
         listed = ", ".join(map(str, study["views_answered_other"]))
-        lines.append(f"Left out as not upper-extremity radiographs: view {listed}")
+        told = "Left out as not upper-extremity radiographs" if part else "Not upper-extremity radiographs"
+        lines.append(f"{told}: view {listed}")
     if study["views_disagreeing_on_body_part"]:
         listed = ", ".join(map(str, study["views_disagreeing_on_body_part"]))
         lines.append(f"Views whose own body-part answer differs: {listed}")
