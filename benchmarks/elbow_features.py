@@ -1,0 +1,145 @@
+"""Do features tuned with the elbow labels read elbow abnormality better? A screen of session 43's third question.
+
+The abnormality network's last stage (block 6, the head convolution and its norm, the per-part logits) is fine-tuned
+on its cached block-5 maps (image and mirror, one drawn per step; batch-norm statistics frozen) with every labelled
+non-test MURA image of the parts named; the elbow row starts at the transfer guess. The non-test elbows fall into
+the 5 patient folds of ``elbow_head``; each fold's patients are left out of training (all their parts) and its
+elbows scored out of fold, image and mirror averaged, after every epoch. ``--without-elbow-labels`` is the twin that
+tunes on forearm and humerus alone and reads the elbow with the guess re-derived from the tuned rows. No test image
+is read.
+
+    python -m benchmarks.elbow_features weights
+    python -m benchmarks.elbow_features weights --without-elbow-labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.elbow_head import FOLDS, folds_of, study_auroc
+from mura_demo.core.malloc import tune_for_batch_work
+from mura_demo.core.model import explained_network
+from mura_demo.core.preprocess import normalize
+from mura_demo.core.weights import load_folder
+from mura_demo.training.data import load_images, load_splits
+
+TUNED_PARTS = ("forearm", "humerus", "elbow")
+
+
+@torch.no_grad()
+def block5_maps(net, config, samples, batch_size: int = 32) -> torch.Tensor:
+    """(N, 2, C, H, W): the maps entering block 6, for each image and its mirror."""
+    images, backbone, out = load_images(samples, config.input_size), net.backbone, []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size], config)
+        views = []
+        for view in (x, x.flip(-1)):
+            y = backbone.bn1(backbone.conv_stem(view))
+            for block in backbone.blocks[:6]:
+                y = block(y)
+            views.append(y)
+        out.append(torch.stack(views, 1))
+    return torch.cat(out)
+
+
+def tail_logits(net, maps: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+    """The abnormality logits from block-5 maps: what the tuned stage computes."""
+    b = net.backbone
+    features = b.global_pool(b.bn2(b.conv_head(b.blocks[6](maps))))
+    return net.abnormality_head(F.dropout(features, drop, training=drop > 0))
+
+
+def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
+    """AdamW 1e-4 on the last stage, per-part class-balanced log loss, one view drawn per image and step."""
+    params = [*net.backbone.blocks[6].parameters(), *net.backbone.conv_head.parameters(),
+              *net.backbone.bn2.parameters(), *net.abnormality_head.parameters()]  # fmt: skip
+    for p in params:
+        p.requires_grad_(True)  # a loaded network is frozen for serving
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    pos_weight = torch.ones(len(config.body_parts))
+    for k in parts.unique():
+        y = labels[parts == k]
+        pos_weight[k] = (1 - y.mean()) / y.mean()
+    generator = torch.Generator().manual_seed(0)
+    net.eval()  # batch-norm statistics frozen, as in training; dropout applied by hand
+    for epoch in range(1, epochs + 1):
+        for batch in torch.randperm(len(maps), generator=generator).split(32):
+            view = torch.randint(0, 2, (len(batch),), generator=generator)
+            logits = tail_logits(net, maps[batch, view], config.drop_rate)
+            picked = logits.gather(1, parts[batch, None])[:, 0]
+            loss = F.binary_cross_entropy_with_logits(picked, labels[batch], pos_weight=pos_weight[parts[batch]])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        on_epoch(epoch)
+
+
+def fold_logits(base, config, maps, parts, labels, rows, scored, args) -> dict[int, torch.Tensor]:
+    """A copy of ``base`` tuned on ``rows``; the elbow logits of ``scored`` after each epoch."""
+    net, out = copy.deepcopy(base), {}
+    elbow, forearm, humerus = (config.body_parts.index(p) for p in ("elbow", "forearm", "humerus"))
+
+    @torch.no_grad()
+    def score(epoch: int) -> None:
+        if args.without_elbow_labels:  # the transfer guess, re-derived from the tuned rows
+            head = net.abnormality_head
+            head.weight[elbow] = (head.weight[forearm] + head.weight[humerus]) / 2
+            head.bias[elbow] = (head.bias[forearm] + head.bias[humerus]) / 2
+        x = maps[scored]
+        out[epoch] = ((tail_logits(net, x[:, 0]) + tail_logits(net, x[:, 1])) / 2)[:, elbow].double()
+
+    tune(net, config, maps[rows], parts[rows], labels[rows], args.epochs, score)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", help="a weights folder (a pair's abnormality network is the one tuned)")
+    parser.add_argument("--without-elbow-labels", action="store_true", help="the twin: tune on forearm and humerus")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--data-root", default="../shared/data")
+    args = parser.parse_args()
+    tune_for_batch_work()
+    torch.manual_seed(0)
+
+    model, config = load_folder(args.weights)
+    base = explained_network(model).eval()
+    splits = load_splits(args.data_root)
+    labelled = [s for s in splits["train"] + splits["holdout"]
+                if s.source == "mura" and s.abnormal is not None and s.body_parts[0] in TUNED_PARTS]  # fmt: skip
+    elbows = [i for i, s in enumerate(labelled) if s.body_parts == ("elbow",)]
+    trained = [i for i, s in enumerate(labelled) if s.body_parts != ("elbow",) or not args.without_elbow_labels]
+    maps = block5_maps(base, config, labelled)
+    parts = torch.tensor([config.body_parts.index(s.body_parts[0]) for s in labelled])
+    labels = torch.tensor([float(s.abnormal) for s in labelled])
+    elbow = config.body_parts.index("elbow")
+    fold_of = dict(zip(elbows, folds_of([labelled[i] for i in elbows])))
+    out_of_fold = {e: torch.zeros(len(elbows), dtype=torch.float64) for e in range(1, args.epochs + 1)}
+    print(f"{len(labelled)} labelled non-test images, {len(elbows)} of them elbows; trained on {len(trained)}")
+
+    for f in range(FOLDS):
+        scored = [i for i in elbows if fold_of[i] == f]
+        left_out = {labelled[i].patient for i in scored}
+        rows = torch.tensor([i for i in trained if labelled[i].patient not in left_out])
+        where = [elbows.index(i) for i in scored]
+        for epoch, logits in fold_logits(base, config, maps, parts, labels, rows, scored, args).items():
+            out_of_fold[epoch][where] = logits
+        print(f"fold {f + 1}: {len(rows)} training images, {len(scored)} elbows scored", flush=True)
+
+    samples = [labelled[i] for i in elbows]
+    y = labels[elbows].double()
+    with torch.no_grad():
+        x = maps[elbows]
+        guess = ((tail_logits(base, x[:, 0]) + tail_logits(base, x[:, 1])) / 2)[:, elbow].double()
+    print(f"transfer guess (the shipped network): {study_auroc(samples, y, guess)}")
+    for epoch, logits in out_of_fold.items():
+        print(f"epoch {epoch}, out of fold: {study_auroc(samples, y, logits)}")
+    print("the figure that counts (session 43's plan): epoch 3")
+
+
+if __name__ == "__main__":
+    main()
