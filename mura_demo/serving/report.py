@@ -50,7 +50,8 @@ def reading_lines(study: dict) -> list[str]:
         ]
         if study["note"]:
             lines.append(study["note"])
-    if study["views_answered_other"] and (part or len(study["views_answered_other"]) < n):  # all: the heading says so
+    # Views answered other are named, unless all of them were and the heading has said so.
+    if study["views_answered_other"] and (part or len(study["views_answered_other"]) < n):
         listed = ", ".join(map(str, study["views_answered_other"]))
         told = "Left out as not upper-extremity radiographs" if part else "Not upper-extremity radiographs"
         lines.append(f"{told}: view {listed}")
