@@ -34,6 +34,9 @@ HUB_PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mura-hub-cache-")
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)  # tests leave nothing behind
+# What gradio_client downloads (overlays, reports) goes to a folder of the run's own, not Gradio's shared one.
+CLIENT_DOWNLOADS = tempfile.mkdtemp(prefix="mura-client-downloads-")
+atexit.register(shutil.rmtree, CLIENT_DOWNLOADS, ignore_errors=True)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "3"
 os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = "5"
@@ -225,10 +228,14 @@ def predictor():
     return Predictor.from_spec(str(BUNDLED))
 
 
-def start_app(extra_env: dict[str, str], log: Path):
-    """`python app.py` on a free loopback port, waited for: (process, gradio_client Client, url)."""
+def app_client(url: str):
     from gradio_client import Client
 
+    return Client(url, verbose=False, download_files=CLIENT_DOWNLOADS)
+
+
+def start_app(extra_env: dict[str, str], log: Path):
+    """`python app.py` on a free loopback port, waited for: (process, gradio_client Client, url)."""
     port = free_port()
     env = {
         **os.environ,
@@ -243,7 +250,7 @@ def start_app(extra_env: dict[str, str], log: Path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
-            return proc, Client(url, verbose=False), url
+            return proc, app_client(url), url
         except Exception:
             time.sleep(1)
     proc.kill()

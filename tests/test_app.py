@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import bad_inputs
-from conftest import doctored_weights, needs_weights, start_app
+from conftest import app_client, doctored_weights, needs_weights, start_app
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -201,13 +201,11 @@ def test_upload_size_limit(app, images, tmp_path):
 
 def test_concurrent_identical_uploads_all_succeed(app, images):
     """Gradio stores identical uploads at one path: no request may pull it from under another."""
-    from gradio_client import Client
-
     url = app[2]
     errors = []
 
     def user():
-        c = Client(url, verbose=False)
+        c = app_client(url)
         for _ in range(3):
             try:
                 call(c, images["b"], "humerus", "gradcam", api_name="/explain")
