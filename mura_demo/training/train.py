@@ -666,6 +666,17 @@ def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: d
     return finalize(settings, model, out / "best.safetensors", holdout, images, losses, meta)
 
 
+@torch.no_grad()
+def borrow_transfer_guess(head: torch.nn.Linear, body_parts: tuple[str, ...], trained: list[str]) -> None:
+    """Each part without abnormality labels borrows the mean of the trained parts' rows of ``head``: a transfer
+    guess, flagged "not validated" everywhere it is shown."""
+    rows = [body_parts.index(p) for p in trained]
+    for i, part in enumerate(body_parts):
+        if part not in trained and rows:
+            head.weight[i] = head.weight[rows].mean(0)
+            head.bias[i] = head.bias[rows].mean()
+
+
 def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) -> ModelConfig:
     """Load the best epoch; on the holdout, decide on test-time flips, the body part's view (not for a network
     trained for the abnormality alone, whose body-part head never learnt), with ``--other-shift`` the shift of its
@@ -697,17 +708,10 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         holdout_metrics[part] = binary_metrics(y, p, config.thresholds[part])
     # No part is validated here: `evaluate --card` marks the parts whose held-out figures earn it.
     trained = list(holdout_metrics)
-    with torch.no_grad():
-        head = model.abnormality_head
-        rows = [config.body_parts.index(p) for p in trained]
-        for part in config.body_parts:
-            if part not in trained and rows:
-                # No abnormality labels for this part: it borrows the mean of the trained parts'
-                # weights (a transfer guess, flagged "not validated" everywhere it is shown).
-                i = config.body_parts.index(part)
-                head.weight[i] = head.weight[rows].mean(0)
-                head.bias[i] = head.bias[rows].mean()
-                config.thresholds[part] = float(np.mean([config.thresholds[p] for p in trained]))
+    borrow_transfer_guess(model.abnormality_head, config.body_parts, trained)
+    for part in config.body_parts:
+        if part not in trained and trained:
+            config.thresholds[part] = float(np.mean([config.thresholds[p] for p in trained]))
     config.trained = True
     config.metrics = {"holdout": {"study_level": holdout_metrics} | body_part.get("metrics", {})}
     config.training = {
