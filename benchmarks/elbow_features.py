@@ -26,6 +26,7 @@ from mura_demo.core.model import explained_network
 from mura_demo.core.preprocess import normalize
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import load_images, load_splits
+from mura_demo.training.train import borrow_transfer_guess
 
 TUNED_PARTS = ("forearm", "humerus", "elbow")
 
@@ -51,6 +52,11 @@ def tail_logits(net, maps: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
     b = net.backbone
     features = b.global_pool(b.bn2(b.conv_head(b.blocks[6](maps))))
     return net.abnormality_head(F.dropout(features, drop, training=drop > 0))
+
+
+def served_logits(net, maps: torch.Tensor) -> torch.Tensor:
+    """The logits as served: the mean of the image's and its mirror's, from (N, 2, C, H, W) maps."""
+    return (tail_logits(net, maps[:, 0]) + tail_logits(net, maps[:, 1])) / 2
 
 
 def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
@@ -80,17 +86,13 @@ def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
 
 def fold_logits(base, config, maps, parts, labels, rows, scored, args) -> dict[int, torch.Tensor]:
     """A copy of ``base`` tuned on ``rows``; the elbow logits of ``scored`` after each epoch."""
-    net, out = copy.deepcopy(base), {}
-    elbow, forearm, humerus = (config.body_parts.index(p) for p in ("elbow", "forearm", "humerus"))
+    net, out, elbow = copy.deepcopy(base), {}, config.body_parts.index("elbow")
 
     @torch.no_grad()
     def score(epoch: int) -> None:
-        if args.without_elbow_labels:  # the transfer guess, re-derived from the tuned rows
-            head = net.abnormality_head
-            head.weight[elbow] = (head.weight[forearm] + head.weight[humerus]) / 2
-            head.bias[elbow] = (head.bias[forearm] + head.bias[humerus]) / 2
-        x = maps[scored]
-        out[epoch] = ((tail_logits(net, x[:, 0]) + tail_logits(net, x[:, 1])) / 2)[:, elbow].double()
+        if args.without_elbow_labels:  # the transfer guess, re-derived from the tuned rows as training does
+            borrow_transfer_guess(net.abnormality_head, config.body_parts, ["forearm", "humerus"])
+        out[epoch] = served_logits(net, maps[scored])[:, elbow].double()
 
     tune(net, config, maps[rows], parts[rows], labels[rows], args.epochs, score)
     return out
@@ -133,8 +135,7 @@ def main() -> None:
     samples = [labelled[i] for i in elbows]
     y = labels[elbows].double()
     with torch.no_grad():
-        x = maps[elbows]
-        guess = ((tail_logits(base, x[:, 0]) + tail_logits(base, x[:, 1])) / 2)[:, elbow].double()
+        guess = served_logits(base, maps[elbows])[:, elbow].double()
     print(f"transfer guess (the shipped network): {study_auroc(samples, y, guess)}")
     for epoch, logits in out_of_fold.items():
         print(f"epoch {epoch}, out of fold: {study_auroc(samples, y, logits)}")
