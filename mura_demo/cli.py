@@ -3,6 +3,7 @@
 train     train on MURA + UNIFESP and export a weights folder
 average   one network from the average of runs' weights, finalized on the holdout
 pair      one model from two networks (body part from one, abnormality from the other)
+split     a pair's two networks as single-network folders (to start a run from, or to pair anew)
 evaluate  score weights on held-out data (report, plots, optional model card)
 upload    publish a weights folder to a Hub model repo (--dry-run to check only)
 predict   body part, abnormality probability and verdict for images (files or folders)
@@ -95,6 +96,13 @@ def run_pair(args) -> None:
 
     tune_for_batch_work()
     pair_networks(args.body_part, args.abnormality, combining_settings(args))
+
+
+def run_split(args) -> None:
+    from .training.train import split_pair
+
+    for folder in split_pair(args.weights, args.out_dir):
+        print(folder)
 
 
 def run_evaluate(args) -> None:
@@ -218,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-part", required=True, help="weights folder of the network that reads the body part")
     p.add_argument("--abnormality", required=True, help="weights folder of the network that reads the abnormality")
     combining_options(p, out_dir="runs/pair")
+    p = command("split", run_split, "a pair's two networks as folders OUT_DIR/body_part and OUT_DIR/abnormality")
+    p.add_argument("weights", help="weights folder of a pair")
+    p.add_argument("--out-dir", required=True)
     p = command(
         "evaluate", run_evaluate, "score weights on MURA valid, the elbow test share and the UNIFESP test share"
     )

@@ -142,22 +142,15 @@ def bundled_head(role: str) -> str:
 
 
 def bundled_networks(folder: Path) -> tuple[Path, Path]:
-    """The bundled weights as single networks, each a folder of its own under ``folder``: (the one that reads the
-    body part, the one that reads the abnormality); both are the bundled folder when it holds one network."""
-    from mura_demo.core.config import ModelConfig
-    from mura_demo.core.weights import load_folder, save_weights
+    """The bundled weights as single networks, each a folder of its own under ``folder`` (what `split` writes): (the
+    one that reads the body part, the one that reads the abnormality); both are the bundled folder when it holds one
+    network."""
+    from mura_demo.core.weights import load_folder
+    from mura_demo.training.train import split_pair
 
-    model, config = load_folder(BUNDLED)
-    if not config.separate_body_part_network:
+    if not load_folder(BUNDLED)[1].separate_body_part_network:
         return BUNDLED, BUNDLED
-    folders = []
-    for role in ("body_part", "abnormality"):
-        record = config.training["paired"][role]
-        alone = {"separate_body_part_network": False, "cam_layer": "backbone.bn2", "version": record["version"],
-                 "training": record["training"]}  # fmt: skip
-        save_weights(getattr(model, role), ModelConfig.from_dict(config.to_dict() | alone), folder / role)
-        folders.append(folder / role)
-    return folders[0], folders[1]
+    return split_pair(BUNDLED, folder)
 
 
 def doctored_weights(

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BUNDLED, needs_weights
 from safetensors.torch import load_file, save_file
 
+from mura_demo.cli import main
 from mura_demo.core.config import WEIGHTS_NAME, ModelConfig
 from mura_demo.core.inference import model_logits, score_body_parts
 from mura_demo.core.model import BodyPartPair, MuraNet, create_model
@@ -136,3 +138,21 @@ def test_int8_tensors_without_their_scales_are_refused(pair, tmp_path):
     assert f"missing: {wide}{SCALE_SUFFIX}" in message
     assert f"unexpected: body_part.backbone.bn2.bias{SCALE_SUFFIX}" in message
     assert f"wrong shape: abnormality.backbone.conv_head.weight{SCALE_SUFFIX}" in message
+
+
+@needs_weights
+def test_split_writes_each_network_of_a_pair_as_the_pair_stores_it(tmp_path):
+    """`split`: the bundled pair's two networks as folders of their own, each tensor the pair's (int8 and scales
+    alike) and each config its network's own before the pairing; a single network is refused."""
+    stored = load_file(BUNDLED / WEIGHTS_NAME)
+    record = load_folder(BUNDLED)[1].training["paired"]
+    assert main(["split", str(BUNDLED), "--out-dir", str(tmp_path)]) == 0
+    for role in ("body_part", "abnormality"):
+        alone = load_file(tmp_path / role / WEIGHTS_NAME)
+        assert alone.keys() == {k.removeprefix(f"{role}.") for k in stored if k.startswith(f"{role}.")}
+        assert all(torch.equal(alone[k], stored[f"{role}.{k}"]) for k in alone)
+        model, config = load_folder(tmp_path / role)
+        assert isinstance(model, MuraNet) and not config.separate_body_part_network
+        assert (config.version, config.training) == (record[role]["version"], record[role]["training"])
+    assert main(["split", str(tmp_path / "abnormality"), "--out-dir", str(tmp_path / "again")]) == 2
+    assert not (tmp_path / "again").exists()

@@ -44,6 +44,7 @@ from .data import (
     abnormality_rows,
     body_part_targets,
     crop_siblings,
+    elbow_fold_splits,
     end_crops,
     group_of,
     load_images,
@@ -357,6 +358,8 @@ class TrainingData:
 
 def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
     splits = load_splits(settings.data_root)
+    if settings.elbow_fold is not None:
+        splits = elbow_fold_splits(splits, settings.elbow_fold)
     train_set = subsample(withhold(splits["train"], settings.withhold), settings.limit)
     if settings.abnormality_only:  # images without an abnormality label would teach nothing
         train_set = [s for s in train_set if s.abnormal is not None]
@@ -649,6 +652,29 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
     }  # fmt: skip
     meta = {"best_epoch": "each network's own", "history": [], "paired": paired}
     return finalize_on_holdout(settings, model, meta)
+
+
+# What an evaluation measured and decided for a pair, which its networks alone have not earned.
+UNMEASURED = {"metrics": {}, "body_part_min_probability": 0.0, "body_part_confirmation": False,
+              "body_part_confirmation_reason": ""}  # fmt: skip
+
+
+def split_pair(folder: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """A pair's two networks as single-network folders, ``out_dir/body_part`` and ``out_dir/abnormality``, each with
+    its own version and training record and none of the pair's measured figures: a run can start from one
+    (``--init-from``) and ``pair`` can take one as it is. Each is stored as the pair stores it (int8 with its
+    scales): the numbers are the pair's."""
+    model, config = load_folder(folder)
+    if not config.separate_body_part_network:
+        raise ValueError(f"{folder} holds one network, not a pair: use it as it is")
+    out = []
+    for role in ("body_part", "abnormality"):
+        record = config.training["paired"][role]
+        alone = {"separate_body_part_network": False, "cam_layer": "backbone.bn2", "version": record["version"],
+                 "training": record["training"], **UNMEASURED}  # fmt: skip
+        out.append(Path(out_dir) / role)
+        save_weights(getattr(model, role), ModelConfig.from_dict(config.to_dict() | alone), out[-1], int8=True)
+    return out[0], out[1]
 
 
 def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: dict) -> ModelConfig:
