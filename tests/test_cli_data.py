@@ -16,7 +16,15 @@ from PIL import Image
 
 from mura_demo.cli import build_parser, settings_from
 from mura_demo.training.card import reproduce_story, training_command
-from mura_demo.training.data import ELBOW_TEST_BUCKETS, is_elbow_test_patient, load_splits
+from mura_demo.training.data import (
+    ELBOW_FOLDS,
+    ELBOW_TEST_BUCKETS,
+    elbow_fold,
+    elbow_fold_splits,
+    is_elbow_test_patient,
+    is_mura_elbow,
+    load_splits,
+)
 from mura_demo.training.settings import TrainSettings
 from mura_demo.training.train import mean_state
 
@@ -56,6 +64,31 @@ def test_the_elbow_test_share_is_the_fixed_quarter_of_elbow_patients():
     assert len(ELBOW_TEST_BUCKETS) == 25
     # their forearm and humerus images are not trained on either
     assert not {s.patient for s in splits["train"] + splits["holdout"] if s.source == "mura"} & test_patients
+
+
+@needs_data
+def test_each_elbow_fold_scores_its_patients_on_a_run_that_never_saw_them():
+    """`train --elbow-fold K`: the five folds' elbows together are every non-test elbow once; a fold's patients are
+    in no training image of its run; the forearm and humerus holdout stays as it was; the test share stays out."""
+    splits = load_splits(DATA)
+    elbows = {s.path for s in splits["train"] + splits["holdout"] if is_mura_elbow(s)}
+    scored = []
+    for k in range(1, ELBOW_FOLDS + 1):
+        fold = elbow_fold_splits(splits, k)
+        held = [s for s in fold["holdout"] if is_mura_elbow(s)]
+        assert held and all(elbow_fold(s.patient) == k for s in held)
+        assert not {s.patient for s in held} & {s.patient for s in fold["train"] if s.source == "mura"}
+        assert [s for s in fold["holdout"] if not is_mura_elbow(s)] == [
+            s for s in splits["holdout"] if not is_mura_elbow(s)
+        ]
+        assert {s.path for s in fold["train"] if is_mura_elbow(s)} == elbows - {s.path for s in held}
+        assert fold["test"] is splits["test"]
+        scored += [s.path for s in held]
+    assert len(scored) == len(elbows) == 431 and set(scored) == elbows
+    with pytest.raises(ValueError, match=r"one of 1\.\.5"):
+        elbow_fold_splits(splits, 0)
+    with pytest.raises(ValueError, match="--withhold mura:elbow leaves out"):
+        TrainSettings(elbow_fold=1, withhold="mura:elbow")
 
 
 @needs_weights

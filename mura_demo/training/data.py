@@ -107,6 +107,35 @@ def is_elbow_test_patient(patient: str) -> bool:
     return bucket(f"mura-elbow-test:{patient}") in ELBOW_TEST_BUCKETS
 
 
+# The non-test MURA elbows (train and holdout, 153 studies) in patient folds: a selection set for the elbow larger
+# than the holdout's 22 studies, each fold scored by a run that trained on the others (`train --elbow-fold`).
+ELBOW_FOLDS = 5
+
+
+def elbow_fold(patient: str) -> int:
+    """The fold (1..ELBOW_FOLDS) of a non-test MURA elbow patient."""
+    return bucket(patient) % ELBOW_FOLDS + 1
+
+
+def is_mura_elbow(sample: Sample) -> bool:
+    return sample.source == "mura" and sample.body_parts == ("elbow",)
+
+
+def elbow_fold_splits(splits: dict[str, list[Sample]], fold: int) -> dict[str, list[Sample]]:
+    """Train and holdout for elbow fold ``fold``: its patients leave training (every image of theirs), its elbows
+    are the holdout's elbows, and the other folds' elbows, the holdout's included, train. The rest is unchanged."""
+    if fold not in range(1, ELBOW_FOLDS + 1):
+        raise ValueError(f"--elbow-fold is one of 1..{ELBOW_FOLDS}; got {fold}")
+    elbows = [s for s in splits["train"] + splits["holdout"] if is_mura_elbow(s)]
+    scored = {s.patient for s in elbows if elbow_fold(s.patient) == fold}
+    trained = splits["train"] + [s for s in splits["holdout"] if is_mura_elbow(s)]
+    return {
+        **splits,
+        "train": [s for s in trained if not (s.source == "mura" and s.patient in scored)],
+        "holdout": [s for s in splits["holdout"] if not is_mura_elbow(s)] + [s for s in elbows if s.patient in scored],
+    }
+
+
 def split_by_patient(samples: list[Sample]) -> dict[str, list[Sample]]:
     """Split into train / holdout / test by patient: a patient never straddles two splits.
 
@@ -115,7 +144,7 @@ def split_by_patient(samples: list[Sample]) -> dict[str, list[Sample]]:
     test patient is trained on. UNIFESP images, which have no official split, also give a test share.
     """
     splits: dict[str, list[Sample]] = {"train": [], "holdout": [], "test": []}
-    elbow_patients = {s.patient for s in samples if s.source == "mura" and s.body_parts == ("elbow",)}
+    elbow_patients = {s.patient for s in samples if is_mura_elbow(s)}
     for s in samples:
         b = bucket(f"{s.source}:{s.patient}")
         if s.source == "mura" and s.patient in elbow_patients and is_elbow_test_patient(s.patient):

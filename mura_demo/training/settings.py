@@ -40,6 +40,7 @@ class TrainSettings:
     ema_decay: float = 0.995  # per step, finetune phase only; 0 turns the average off
     seed: int = 0
     withhold: str | None = None  # "mura:elbow": leave that source's part out (leave-one-source-out run)
+    elbow_fold: int | None = None  # 1..5: that patient fold of the non-test MURA elbows is the elbow holdout
     style: float = 0.0  # strength of cross-source style randomisation (0: off, 1: every trait at its rate)
     group_balance: float | None = None  # draw each source-and-part group by size**this (None: plain shuffle)
     region_balance: bool = False  # with group_balance: a group's draws spread over its regions (non-arm) the same way
@@ -67,6 +68,8 @@ class TrainSettings:
             raise ValueError("--body-part-only and --abnormality-only exclude each other")
         if self.abnormality_only and self.crop_share:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
+        if self.elbow_fold is not None and self.withhold == "mura:elbow":
+            raise ValueError("--elbow-fold scores a fold of the MURA elbows that --withhold mura:elbow leaves out")
         if self.region_balance and self.group_balance is None:
             raise ValueError("--region-balance spreads each group's share of the draws: it needs --group-balance")
         if self.other_weight <= 0:
@@ -111,5 +114,12 @@ class EvalSettings:
     out_dir: str = "runs/eval"
     imagenet_init: str | None = None  # for the baseline; skipped when absent
     loso_weights: str | None = None  # a run trained with a source withheld (train --withhold): its figures
+    # or an evaluated weights folder that reads the body part as these weights do: its figures carry over
+    loso_from: str | None = None
     n_boot: int = 1000
     threads: int | None = None
+
+    def __post_init__(self):
+        if self.loso_weights and self.loso_from:
+            raise ValueError("--loso-weights measures the leave-one-source-out figures, --loso-from carries them over: "
+                             "give one")  # fmt: skip
