@@ -20,7 +20,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from benchmarks.elbow_head import FOLDS, folds_of, study_auroc
+from benchmarks.elbow_head import FOLDS, folds_of, study_auroc, versus
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.model import explained_network
 from mura_demo.core.preprocess import normalize
@@ -138,7 +138,8 @@ def main() -> None:
         guess = served_logits(base, maps[elbows])[:, elbow].double()
     print(f"transfer guess (the shipped network): {study_auroc(samples, y, guess)}")
     for epoch, logits in out_of_fold.items():
-        print(f"epoch {epoch}, out of fold: {study_auroc(samples, y, logits)}")
+        print(f"epoch {epoch}, out of fold: {study_auroc(samples, y, logits)}; "
+              f"{versus(samples, y, torch.sigmoid(logits), torch.sigmoid(guess))}")  # fmt: skip
     print("the figure that counts (session 43's plan): epoch 3")
 
 

@@ -26,8 +26,8 @@ from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.model import explained_network
 from mura_demo.core.preprocess import normalize
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import bucket, load_images, load_splits
-from mura_demo.training.metrics import auroc, study_scores
+from mura_demo.training.data import bucket, load_images, load_splits, patients_of
+from mura_demo.training.metrics import auroc, paired_auroc_bootstrap, study_scores
 
 STRENGTHS = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 FOLDS = 5
@@ -87,6 +87,17 @@ def study_auroc(samples, y, logits) -> str:
     return f"study AUROC {auroc(labels, scores):.3f} ({len(labels)} studies)"
 
 
+def versus(samples, y, probabilities, reference, n_boot: int = 2000) -> str:
+    """The study AUROC of ``probabilities`` minus the ``reference``'s on the same images, with a paired bootstrap
+    over patients: with about 150 studies a difference of 0.02-0.03 is about one standard error."""
+    studies = [s.study for s in samples]
+    keys, labels, scores = study_scores(studies, np.asarray(y), np.asarray(probabilities))
+    _, _, base = study_scores(studies, np.asarray(y), np.asarray(reference))
+    r = paired_auroc_bootstrap(labels, scores, base, patients_of(samples, keys), n_boot)
+    return (f"difference {r['difference']:+.3f} (95% interval {r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f}; "
+            f"ahead in {r['share_ahead']:.0%} of {r['draws']} patient resamples)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("weights", help="a weights folder (a pair's abnormality network is the one read)")
@@ -109,6 +120,8 @@ def main() -> None:
     print(f"train -> holdout ({len(part['train'])} -> {len(part['holdout'])} images; strength {strength:g}):")
     print(f"  transfer guess: {study_auroc(part['holdout'], y['holdout'], x['holdout'] @ prior[0] + prior[1])}")
     print(f"  fitted row:     {study_auroc(part['holdout'], y['holdout'], x['holdout'] @ w + b)}")
+    guess = torch.sigmoid(x["holdout"] @ prior[0] + prior[1])
+    print(f"  {versus(part['holdout'], y['holdout'], torch.sigmoid(x['holdout'] @ w + b), guess)}")
 
     samples = part["train"] + part["holdout"]
     xs, ys = torch.cat([x["train"], x["holdout"]]), torch.cat([y["train"], y["holdout"]])
@@ -121,6 +134,7 @@ def main() -> None:
     print(f"pooled, nested ({len(samples)} images; strengths by fold {strengths}):")
     print(f"  transfer guess: {study_auroc(samples, ys, xs @ prior[0] + prior[1])}")
     print(f"  fitted row:     {study_auroc(samples, ys, out_of_fold)}")
+    print(f"  {versus(samples, ys, torch.sigmoid(out_of_fold), torch.sigmoid(xs @ prior[0] + prior[1]))}")
     print(f"  strength on all of them: {chosen_strength(xs, ys, samples, prior, 'inner:'):g}")
 
 

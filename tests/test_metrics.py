@@ -12,6 +12,7 @@ from mura_demo.training.metrics import (
     bootstrap_ci,
     cohen_kappa,
     cross_validated_threshold,
+    paired_auroc_bootstrap,
     paired_worse_p,
     roc_curve,
     study_scores,
@@ -96,3 +97,18 @@ def test_paired_worse_p_is_the_exact_one_sided_binomial_tail():
     assert paired_worse_p(0, 5) == 1.0
     assert paired_worse_p(7, 2) == pytest.approx((36 + 9 + 1) / 512)  # P(X >= 7), X ~ Binomial(9, 1/2)
     assert paired_worse_p(3, 3) > 0.5
+
+
+def test_the_paired_bootstrap_resamples_both_readings_together():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 150)
+    patients = np.repeat(np.arange(75), 2)
+    reference = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.3, 150), 0, 1)
+    same = paired_auroc_bootstrap(y, reference, reference, patients, n_boot=200)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["share_ahead"] == 0
+    better = np.clip(reference + (y - 0.5) * 0.3, 0, 1)  # the same noise, more signal
+    ahead = paired_auroc_bootstrap(y, better, reference, patients, n_boot=200)
+    assert ahead["difference"] == pytest.approx(auroc(y, better) - auroc(y, reference)) and ahead["difference"] > 0
+    assert 0 < ahead["ci95"][0] < ahead["difference"] < ahead["ci95"][1] and ahead["share_ahead"] == 1.0
+    behind = paired_auroc_bootstrap(y, reference, better, patients, n_boot=200)
+    assert behind["share_ahead"] == 0 and behind["difference"] == pytest.approx(-ahead["difference"])

@@ -1,0 +1,81 @@
+"""Do networks trained with the elbows read them better than the shipped one? Session 44's screen.
+
+Each folder is a run of ``train --elbow-fold K``: it trained on every non-test MURA elbow outside fold K, and reads
+fold K's elbows here (image and mirror averaged, as served, whatever flip its finalize chose). The five folds pooled
+give an out-of-fold study AUROC over all 153 non-test elbow studies, printed beside the reference network's on the
+same studies, with a paired bootstrap over patients of the difference. Each run's forearm and humerus holdout study
+AUROC (the holdout those parts keep in a fold run) is printed from its config. No test image is read.
+
+    python -m benchmarks.elbow_folds runs/s44/f1/weights ... runs/s44/f5/weights --reference weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+
+from benchmarks.elbow_head import versus
+from mura_demo.core.inference import score_images
+from mura_demo.core.malloc import tune_for_batch_work
+from mura_demo.core.weights import load_folder
+from mura_demo.training.data import ELBOW_FOLDS, elbow_fold, is_mura_elbow, load_images, load_splits
+from mura_demo.training.metrics import auroc, study_scores
+
+
+def elbow_probabilities(folder: str, samples) -> np.ndarray:
+    """The elbow abnormality probability of each sample as the folder's network reads it, mirror image included."""
+    model, config = load_folder(folder)
+    config = dataclasses.replace(config, test_time_flip=True)
+    _, abnormal = score_images(model, config, load_images(samples, config.input_size))
+    return abnormal[:, config.body_parts.index("elbow")].numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help=f"fold runs' weights folders (all {ELBOW_FOLDS} for the figure)")
+    parser.add_argument("--reference", default="weights", help="the network to beat (default: the shipped weights)")
+    parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    args = parser.parse_args()
+    tune_for_batch_work()
+
+    splits = load_splits(args.data_root)
+    elbows = [s for s in splits["train"] + splits["holdout"] if is_mura_elbow(s)]
+    fold = np.array([elbow_fold(s.patient) for s in elbows])
+    reference = elbow_probabilities(args.reference, elbows)
+    out_of_fold = np.full(len(elbows), np.nan)
+    print("fold  run                          images (studies)  fold AUROC (reference)  forearm / humerus holdout")
+    for folder in args.runs:
+        config = load_folder(folder)[1]
+        k = config.training.get("settings", {}).get("elbow_fold")
+        if k is None or not np.isnan(out_of_fold[fold == k]).all():
+            raise SystemExit(f"{folder}: not a run of a fold the other folders leave unread (train --elbow-fold)")
+        rows = np.flatnonzero(fold == k)
+        out_of_fold[rows] = elbow_probabilities(folder, [elbows[i] for i in rows])
+        trained, guess = (study_auroc([elbows[i] for i in rows], p[rows]) for p in (out_of_fold, reference))
+        held = config.metrics.get("holdout", {}).get("study_level", {})
+        others = " / ".join(f"{held.get(p, {}).get('auroc', float('nan')):.3f}" for p in ("forearm", "humerus"))
+        print(f"{k:>4}  {folder:<28} {len(rows):>6} ({trained[1]:>2})       {trained[0]:.3f} ({guess[0]:.3f})"
+              f"           {others}")  # fmt: skip
+
+    read = ~np.isnan(out_of_fold)
+    samples = [e for e, r in zip(elbows, read) if r]
+    labels = [e.abnormal for e in samples]
+    folds = sorted(int(f) for f in set(fold[read]))
+    (trained, studies), (guess, _) = (study_auroc(samples, p[read]) for p in (out_of_fold, reference))
+    print(f"pooled out of fold, folds {folds} of {ELBOW_FOLDS}, {len(samples)} images ({studies} studies):")
+    print(f"  reference ({args.reference}): study AUROC {guess:.3f}")
+    print(f"  fold runs:                    study AUROC {trained:.3f}")
+    print(f"  {versus(samples, labels, out_of_fold[read], reference[read], args.n_boot)}")
+
+
+def study_auroc(samples, probabilities) -> tuple[float, int]:
+    """Study AUROC (the mean of the views' probabilities) and the number of studies."""
+    _, y, s = study_scores([e.study for e in samples], [e.abnormal for e in samples], probabilities)
+    return auroc(y, s), len(y)
+
+
+if __name__ == "__main__":
+    main()
