@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 from conftest import BUNDLED, MURA, UNIFESP, bundled_networks, doctored_weights, needs_data, needs_weights
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mura_demo.cli import build_parser, combining_settings
-from mura_demo.core.weights import SCALE_SUFFIX, load_folder, round_as_stored
+from mura_demo.core.weights import SCALE_SUFFIX, load_folder, load_model, round_as_stored
 from mura_demo.training.card import averaged_story, write_model_card
 from mura_demo.training.data import load_splits
-from mura_demo.training.evaluate import evaluate
+from mura_demo.training.evaluate import carried_gate, evaluate
 from mura_demo.training.settings import EvalSettings, TrainSettings
 from mura_demo.training.train import average_runs, pair_networks, train
 
@@ -188,9 +188,9 @@ def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(threads)
-    joined, first, second = (load_file(Path(f) / "model.safetensors") for f in (settings.export_dir, network, favoured))
+    joined, first, second = (load_folder(f)[0].state_dict() for f in (settings.export_dir, network, favoured))
     assert set(joined) == set(first)
-    for k in first:
+    for k in first:  # the numbers each folder holds (the split network's int8 read back with its scales)
         assert torch.allclose(joined[k].float(), (first[k].float() + second[k].float()) / 2, atol=1e-3, rtol=1e-3), k
     shipped = json.loads((network / "config.json").read_text())["training"]["settings"]
     assert config.training["settings"]["style"] == shipped["style"] and config.version == "avg"
@@ -251,3 +251,49 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
         pair_networks(str(abnormality_only), str(abnormal), settings)
     with pytest.raises(ValueError, match="only single networks can be averaged"):
         average_runs([settings.export_dir, settings.export_dir], settings)
+
+
+def test_leave_one_source_out_figures_carry_over_only_to_the_same_body_part_reading(mini_data, imagenet_init, tmp_path):
+    """`evaluate --loso-from`: weights that read the body part with the bundled weights' network, the same way (here
+    the bundled pair with a changed abnormality network) keep the bundled leave-one-source-out figures, level and
+    confirmation without a withheld run, and the card says where they come from; any difference in the body-part
+    reading, or a folder without such figures, is refused."""
+    bundled = load_folder(BUNDLED)[1]
+    recorded = bundled.metrics["leave_one_source_out"]
+    weights = shutil.copytree(BUNDLED, tmp_path / "weights")
+    tensors = load_file(weights / "model.safetensors")
+    tensors["abnormality.abnormality_head.bias"] += 0.5  # another abnormality reading, the same body-part network
+    save_file(tensors, weights / "model.safetensors")
+    settings = EvalSettings(data_root=str(mini_data), weights=str(weights), out_dir=str(tmp_path / "eval"),
+                            imagenet_init=imagenet_init, loso_from=str(BUNDLED), n_boot=20)  # fmt: skip
+    report = evaluate(settings)
+    gate = report["body_part_gate"]
+    assert all(gate[k] == recorded[k] for k in ("withheld", "level", "selection", "test"))
+    assert gate["carried_from"]["folder"] == str(BUNDLED) and gate["carried_from"]["version"] == bundled.version
+    assert gate["confirmation_required"] == bundled.body_part_confirmation
+    shipped = gate["shipped_held_out_mura"]
+    assert shipped["images"] > 0 and 0 <= shipped["correct_clearing_level"] <= 1
+    write_model_card(weights, report | {"n_boot": settings.n_boot})
+    config, card = load_folder(weights)[1], (weights / "README.md").read_text()
+    assert config.body_part_min_probability == recorded["level"]
+    assert config.body_part_confirmation == bundled.body_part_confirmation
+    assert config.metrics["leave_one_source_out"]["carried_from"] == gate["carried_from"]
+    assert f"names **{recorded['test']['accuracy']:.1%}** of the {recorded['test']['images']} images" in card
+    assert "carried over from version" in card and f"--loso-from {BUNDLED} --card" in card
+    # carried on again, the figures still name the version they were measured for
+    measured_in = gate["carried_from"]["measured_in"]
+    assert carried_gate(str(weights), load_model(str(weights)))["carried_from"]["measured_in"] == measured_in
+
+    def refused(folder, loso_from, match):
+        with pytest.raises(ValueError, match=match):
+            evaluate(dataclasses.replace(settings, weights=str(folder), loso_from=str(loso_from)))
+
+    other_body_part = doctored_weights(tmp_path / "elbow", "elbow")
+    refused(other_body_part, BUNDLED, r"reads the body part differently \(the body-part network's tensors\)")
+    equalized = shutil.copytree(BUNDLED, tmp_path / "equalized")
+    (equalized / "config.json").write_text(json.dumps(bundled.to_dict() | {"body_part_equalized_view": True}))
+    refused(equalized, BUNDLED, r"differently \(body_part_equalized_view\)")
+    body, _ = bundled_networks(tmp_path / "nets")  # a network split off a pair has no figures of its own
+    refused(BUNDLED, body, "has no leave-one-source-out figures to carry over")
+    with pytest.raises(ValueError, match="give one"):
+        EvalSettings(loso_weights=str(BUNDLED), loso_from=str(BUNDLED))

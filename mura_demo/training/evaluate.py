@@ -19,9 +19,9 @@ import torch
 
 from ..core.config import OTHER, ModelConfig
 from ..core.inference import score_body_parts, score_images
-from ..core.model import create_model
+from ..core.model import body_part_network, create_model
 from ..core.preprocess import normalize
-from ..core.weights import load_model, round_as_stored
+from ..core.weights import LoadedModel, load_folder, load_model, round_as_stored
 from .data import Sample, abnormality_rows, end_crops, group_of, is_withheld, load_images, load_splits, patients_of
 from .metrics import auroc, bootstrap_ci, cohen_kappa, cross_validated_threshold, roc_curve, study_scores
 from .settings import EvalSettings
@@ -270,13 +270,7 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     report["level"] = level
     report["test"]["misrouted_clearing_level"] = float(((top >= level) & ~right).sum() / max(1, (~right).sum()))
     report["test"]["share_misrouted_and_clearing"] = float(((top >= level) & ~right).mean())
-    test = splits["test"]
-    upper = [i for i, s in enumerate(test) if s.body_parts != (OTHER,) and s.source == "mura"]
-    correct = named_right(config, [test[i] for i in upper], test_bp[upper])
-    report["shipped_held_out_mura"] = {
-        "images": len(upper),
-        "correct_clearing_level": float((correct & (test_bp[upper].max(1) >= level)).mean()),
-    }
+    report["shipped_held_out_mura"] = correct_clearing(config, splits["test"], test_bp, level)
     accuracy = report["test"]["accuracy"]
     report["confirmation_required"] = accuracy < LOSO_TRUST
     report["reason"] = (
@@ -285,6 +279,45 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
         "it has never seen)"
     )
     return report
+
+
+def correct_clearing(config: ModelConfig, test: list[Sample], test_bp: np.ndarray, level: float) -> dict:
+    """How many held-out MURA images the shipped weights detect right at or above the confidence level."""
+    upper = [i for i, s in enumerate(test) if s.body_parts != (OTHER,) and s.source == "mura"]
+    correct = named_right(config, [test[i] for i in upper], test_bp[upper])
+    return {"images": len(upper), "correct_clearing_level": float((correct & (test_bp[upper].max(1) >= level)).mean())}
+
+
+# What the body part's reading depends on besides the body-part network's tensors.
+BODY_PART_READING = ("architecture", "input_size", "mean", "std", "body_parts", "test_time_flip",
+                     "body_part_input_size", "body_part_equalized_view")  # fmt: skip
+
+
+def carried_gate(folder: str, loaded: LoadedModel) -> dict:
+    """The leave-one-source-out figures of the evaluated weights in ``folder``, which read the body part with the
+    same network the same way as ``loaded`` (checked tensor for tensor, before any scoring): the withheld run's figures
+    and the level they chose depend on nothing else, so a version that changes only the abnormality reading keeps them
+    without its withheld run being kept or trained again. What the evaluated weights make of the level is measured
+    anew (``correct_clearing``)."""
+    earlier_model, earlier = load_folder(folder)
+    record = earlier.metrics.get("leave_one_source_out")
+    if not record:
+        raise ValueError(f"{folder} has no leave-one-source-out figures to carry over")
+    differs = [k for k in BODY_PART_READING if getattr(loaded.config, k) != getattr(earlier, k)]
+    mine, other = body_part_network(loaded.model).state_dict(), body_part_network(earlier_model).state_dict()
+    if mine.keys() != other.keys() or not all(torch.equal(mine[k], other[k]) for k in mine):
+        differs.append("the body-part network's tensors")
+    if differs:
+        raise ValueError(f"{folder} reads the body part differently ({', '.join(differs)}): its leave-one-source-out "
+                         "figures are not these weights'; measure them with --loso-weights")  # fmt: skip
+    measured_in = record.get("carried_from", {}).get("measured_in", earlier.version)
+    return {
+        **record,
+        "confirmation_required": earlier.body_part_confirmation,
+        "reason": earlier.body_part_confirmation_reason,
+        "training": record.get("training"),
+        "carried_from": {"folder": folder, "version": earlier.version, "measured_in": measured_in},
+    }
 
 
 def end_crop_calls(model, config: ModelConfig, samples: list[Sample]) -> dict:
@@ -307,6 +340,7 @@ def evaluate(settings: EvalSettings) -> dict:
     t0 = time.time()
     loaded = load_model(settings.weights)
     config = loaded.config
+    carried = carried_gate(settings.loso_from, loaded) if settings.loso_from else None
     splits = load_splits(settings.data_root)
     test = splits["test"]
     bp, ab = score_images(loaded.model, config, load_images(test, config.input_size))
@@ -323,6 +357,10 @@ def evaluate(settings: EvalSettings) -> dict:
         report["baseline"] = baseline_report(settings, splits, config, settings.n_boot)
     if settings.loso_weights:
         report["body_part_gate"] = body_part_gate(settings, splits, config, bp.numpy())
+    elif carried:
+        report["body_part_gate"] = carried | {
+            "shipped_held_out_mura": correct_clearing(config, test, bp.numpy(), carried["level"])
+        }
     report["seconds"] = round(time.time() - t0, 1)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
