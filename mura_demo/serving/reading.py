@@ -143,7 +143,7 @@ def read(
         weights_revision=revision,
     )
     if part is None:
-        note = "No abnormality reading is given. If it is one, choose its body part to read it anyway."
+        note = "No abnormality reading is given; if it is an arm, choose its body part to read it."
         return Prediction(None, **common, abnormality_probability=None, threshold=None, verdict=NOT_UPPER_EXTREMITY,
                           validated=None, note=note)  # fmt: skip
     validated, note = validation(config, part, status, probabilities, looks_other)
