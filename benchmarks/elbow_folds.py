@@ -16,17 +16,15 @@ import dataclasses
 
 import numpy as np
 
-from benchmarks.elbow_head import versus
+from benchmarks.elbow_head import study_figures, versus
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import ELBOW_FOLDS, elbow_fold, is_mura_elbow, load_images, load_splits
-from mura_demo.training.metrics import auroc, study_scores
 
 
-def elbow_probabilities(folder: str, samples) -> np.ndarray:
-    """The elbow abnormality probability of each sample as the folder's network reads it, mirror image included."""
-    model, config = load_folder(folder)
+def elbow_probabilities(model, config, samples) -> np.ndarray:
+    """The elbow abnormality probability of each sample as the network reads it, mirror image included."""
     config = dataclasses.replace(config, test_time_flip=True)
     _, abnormal = score_images(model, config, load_images(samples, config.input_size))
     return abnormal[:, config.body_parts.index("elbow")].numpy()
@@ -44,17 +42,19 @@ def main() -> None:
     splits = load_splits(args.data_root)
     elbows = [s for s in splits["train"] + splits["holdout"] if is_mura_elbow(s)]
     fold = np.array([elbow_fold(s.patient) for s in elbows])
-    reference = elbow_probabilities(args.reference, elbows)
+    reference = elbow_probabilities(*load_folder(args.reference), elbows)
     out_of_fold = np.full(len(elbows), np.nan)
     print("fold  run                          images (studies)  fold AUROC (reference)  forearm / humerus holdout")
     for folder in args.runs:
-        config = load_folder(folder)[1]
+        model, config = load_folder(folder)
         k = config.training.get("settings", {}).get("elbow_fold")
         if k is None or not np.isnan(out_of_fold[fold == k]).all():
             raise SystemExit(f"{folder}: not a run of a fold the other folders leave unread (train --elbow-fold)")
         rows = np.flatnonzero(fold == k)
-        out_of_fold[rows] = elbow_probabilities(folder, [elbows[i] for i in rows])
-        trained, guess = (study_auroc([elbows[i] for i in rows], p[rows]) for p in (out_of_fold, reference))
+        fold_elbows = [elbows[i] for i in rows]
+        out_of_fold[rows] = elbow_probabilities(model, config, fold_elbows)
+        trained, guess = (study_figures(fold_elbows, [e.abnormal for e in fold_elbows], p[rows])
+                          for p in (out_of_fold, reference))  # fmt: skip
         held = config.metrics.get("holdout", {}).get("study_level", {})
         others = " / ".join(f"{held.get(p, {}).get('auroc', float('nan')):.3f}" for p in ("forearm", "humerus"))
         print(f"{k:>4}  {folder:<28} {len(rows):>6} ({trained[1]:>2})       {trained[0]:.3f} ({guess[0]:.3f})"
@@ -64,17 +64,11 @@ def main() -> None:
     samples = [e for e, r in zip(elbows, read) if r]
     labels = [e.abnormal for e in samples]
     folds = sorted(int(f) for f in set(fold[read]))
-    (trained, studies), (guess, _) = (study_auroc(samples, p[read]) for p in (out_of_fold, reference))
+    (trained, studies), (guess, _) = (study_figures(samples, labels, p[read]) for p in (out_of_fold, reference))
     print(f"pooled out of fold, folds {folds} of {ELBOW_FOLDS}, {len(samples)} images ({studies} studies):")
     print(f"  reference ({args.reference}): study AUROC {guess:.3f}")
     print(f"  fold runs:                    study AUROC {trained:.3f}")
     print(f"  {versus(samples, labels, out_of_fold[read], reference[read], args.n_boot)}")
-
-
-def study_auroc(samples, probabilities) -> tuple[float, int]:
-    """Study AUROC (the mean of the views' probabilities) and the number of studies."""
-    _, y, s = study_scores([e.study for e in samples], [e.abnormal for e in samples], probabilities)
-    return auroc(y, s), len(y)
 
 
 if __name__ == "__main__":

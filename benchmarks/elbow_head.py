@@ -82,9 +82,15 @@ def chosen_strength(x, y, samples, prior, salt: str = "") -> float:
     return min(STRENGTHS, key=loss)
 
 
+def study_figures(samples, y, probabilities) -> tuple[float, int]:
+    """Study AUROC (the mean of the views' probabilities) and the number of studies."""
+    _, labels, scores = study_scores([s.study for s in samples], np.asarray(y), np.asarray(probabilities))
+    return auroc(labels, scores), len(labels)
+
+
 def study_auroc(samples, y, logits) -> str:
-    _, labels, scores = study_scores([s.study for s in samples], y.numpy(), torch.sigmoid(logits).numpy())
-    return f"study AUROC {auroc(labels, scores):.3f} ({len(labels)} studies)"
+    value, studies = study_figures(samples, y, torch.sigmoid(logits))
+    return f"study AUROC {value:.3f} ({studies} studies)"
 
 
 def versus(samples, y, probabilities, reference, n_boot: int = 2000) -> str:
