@@ -23,59 +23,37 @@ import torch.nn.functional as F
 from benchmarks.elbow_head import FOLDS, folds_of, study_auroc, versus
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.model import explained_network
-from mura_demo.core.preprocess import normalize
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import load_images, load_splits
-from mura_demo.training.train import borrow_transfer_guess
+from mura_demo.training.train import borrow_transfer_guess, frozen_maps, logits_from_maps, set_phase
 
 TUNED_PARTS = ("forearm", "humerus", "elbow")
-
-
-@torch.no_grad()
-def block5_maps(net, config, samples, batch_size: int = 32) -> torch.Tensor:
-    """(N, 2, C, H, W): the maps entering block 6, for each image and its mirror."""
-    images, backbone, out = load_images(samples, config.input_size), net.backbone, []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size], config)
-        views = []
-        for view in (x, x.flip(-1)):
-            y = backbone.bn1(backbone.conv_stem(view))
-            for block in backbone.blocks[:6]:
-                y = block(y)
-            views.append(y)
-        out.append(torch.stack(views, 1))
-    return torch.cat(out)
-
-
-def tail_logits(net, maps: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
-    """The abnormality logits from block-5 maps: what the tuned stage computes."""
-    b = net.backbone
-    features = b.global_pool(b.bn2(b.conv_head(b.blocks[6](maps))))
-    return net.abnormality_head(F.dropout(features, drop, training=drop > 0))
+LAST_STAGE = 6  # blocks before the tuned stage: its maps are made once
 
 
 def served_logits(net, maps: torch.Tensor) -> torch.Tensor:
-    """The logits as served: the mean of the image's and its mirror's, from (N, 2, C, H, W) maps."""
-    return (tail_logits(net, maps[:, 0]) + tail_logits(net, maps[:, 1])) / 2
+    """The abnormality logits as served (dropout off): the mean of the image's and its mirror's, from the
+    (N, 2, C, H, W) maps of ``frozen_maps``."""
+    net.eval()
+    logits = (logits_from_maps(net, maps[:, 0], LAST_STAGE) + logits_from_maps(net, maps[:, 1], LAST_STAGE)) / 2
+    return net.config.split_logits(logits)[1]
 
 
 def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
     """AdamW 1e-4 on the last stage, per-part class-balanced log loss, one view drawn per image and step."""
-    params = [*net.backbone.blocks[6].parameters(), *net.backbone.conv_head.parameters(),
-              *net.backbone.bn2.parameters(), *net.abnormality_head.parameters()]  # fmt: skip
-    for p in params:
-        p.requires_grad_(True)  # a loaded network is frozen for serving
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    # the body-part head gets no gradient from this loss, so AdamW leaves it as it is
+    optimizer = torch.optim.AdamW(set_phase(net, "finetune", LAST_STAGE), lr=1e-4, weight_decay=1e-4)
+    abnormal_logits = net.config.split_logits
     pos_weight = torch.ones(len(config.body_parts))
     for k in parts.unique():
         y = labels[parts == k]
         pos_weight[k] = (1 - y.mean()) / y.mean()
     generator = torch.Generator().manual_seed(0)
-    net.eval()  # batch-norm statistics frozen, as in training; dropout applied by hand
     for epoch in range(1, epochs + 1):
+        set_phase(net, "finetune", LAST_STAGE)  # dropout on, batch-norm statistics frozen (scoring turned both off)
         for batch in torch.randperm(len(maps), generator=generator).split(32):
             view = torch.randint(0, 2, (len(batch),), generator=generator)
-            logits = tail_logits(net, maps[batch, view], config.drop_rate)
+            logits = abnormal_logits(logits_from_maps(net, maps[batch, view], LAST_STAGE))[1]
             picked = logits.gather(1, parts[batch, None])[:, 0]
             loss = F.binary_cross_entropy_with_logits(picked, labels[batch], pos_weight=pos_weight[parts[batch]])
             optimizer.zero_grad()
@@ -115,7 +93,7 @@ def main() -> None:
                 if s.source == "mura" and s.abnormal is not None and s.body_parts[0] in TUNED_PARTS]  # fmt: skip
     elbows = [i for i, s in enumerate(labelled) if s.body_parts == ("elbow",)]
     trained = [i for i, s in enumerate(labelled) if s.body_parts != ("elbow",) or not args.without_elbow_labels]
-    maps = block5_maps(base, config, labelled)
+    maps = frozen_maps(base, load_images(labelled, config.input_size), LAST_STAGE)
     parts = torch.tensor([config.body_parts.index(s.body_parts[0]) for s in labelled])
     labels = torch.tensor([float(s.abnormal) for s in labelled])
     elbow = config.body_parts.index("elbow")

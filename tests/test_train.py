@@ -14,12 +14,21 @@ from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
 from mura_demo.core.config import ModelConfig
+from mura_demo.core.model import create_model
+from mura_demo.core.preprocess import normalize
 from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
 from mura_demo.training.card import inference_story, network_story, reproduce_story, training_command
 from mura_demo.training.data import load_splits
 from mura_demo.training.other_shift import OTHER_SHIFTS
-from mura_demo.training.train import Losses, TrainSettings, subsample, train
+from mura_demo.training.train import (
+    Losses,
+    TrainSettings,
+    frozen_maps,
+    logits_from_maps,
+    subsample,
+    train,
+)
 
 pytestmark = needs_data
 
@@ -172,6 +181,34 @@ def test_a_network_for_the_abnormality_alone_trains_on_labelled_images_only(tmp_
     with pytest.raises(ValueError, match="without an abnormality label"):
         smoke_settings(tmp_path / "crops", imagenet_init, abnormality_only=True, crop_share=0.2)
     assert not (tmp_path / "both").exists() and not (tmp_path / "crops").exists()
+
+
+def test_cached_maps_are_the_frozen_blocks_output_and_train_only_what_follows(tmp_path, imagenet_init, capsys):
+    """Under --cached-maps the frozen blocks run once per image and mirror: the rest of the network read from
+    those maps gives the model's own output for the image and for its mirror, the run trains past the frozen
+    blocks only, and augmentation that needs the images of every step is refused."""
+    model = create_model(ModelConfig(), imagenet_init=imagenet_init).eval()
+    images = (torch.rand(3, 1, 224, 224) * 255).to(torch.uint8)
+    maps = frozen_maps(model, images, 5)
+    with torch.no_grad():
+        x = normalize(images, model.config)
+        for mirrored, view in enumerate((x, x.flip(-1))):
+            torch.testing.assert_close(logits_from_maps(model, maps[:, mirrored], 5), model(view))
+    settings = smoke_settings(tmp_path, imagenet_init, limit=96, abnormality_only=True, head_epochs=0, freeze_blocks=6,
+                              cached_maps=True, ema_decay=0.0)  # fmt: skip
+    train(settings)
+    assert "made the maps of the first 6 blocks" in capsys.readouterr().out
+    start = create_model(ModelConfig(), imagenet_init=imagenet_init).state_dict()
+    trained = {k.removeprefix("model."): t for k, t in load_file(tmp_path / "run" / "best.safetensors").items()}
+
+    def moved(*prefixes: str) -> set[bool]:
+        return {not torch.equal(t, start[k]) for k, t in trained.items() if k.startswith(prefixes)}
+
+    assert moved("backbone.blocks.6.", "backbone.conv_head.", "abnormality_head.") >= {True}
+    assert moved("backbone.conv_stem.", "backbone.bn1.", *(f"backbone.blocks.{i}." for i in range(6))) == {False}
+    assert "for its mirror" in network_story(json.loads((tmp_path / "weights" / "config.json").read_text())["training"])
+    with pytest.raises(ValueError, match="need the images of every step"):
+        smoke_settings(tmp_path / "styled", imagenet_init, cached_maps=True, style=1.0)
 
 
 def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):

@@ -365,21 +365,37 @@ def recipe_story(settings: dict) -> str:
         )
     else:
         losses = "class-balanced losses (pos_weight per part)"
+    averaged = setting(settings, "ema_decay") > 0
+    shipped = "the average" if averaged else "the weights"
     if settings.get("last_epoch"):
-        kept = "the average after the last epoch is shipped, a rule fixed before the run (no early stop)"
+        kept = f"{shipped} after the last epoch is shipped, a rule fixed before the run (no early stop)"
     else:
-        kept = (
-            f"after every epoch the better of the two on the holdout's {judged} is a candidate, and the best is shipped"
+        candidates = "the better of the two on the holdout's {judged} is" if averaged else "the weights are"
+        kept = f"after every epoch {candidates.format(judged=judged)} a candidate, and the best is shipped"
+    heads = "a phase on the heads over frozen features, then " if setting(settings, "head_epochs") else ""
+    if settings.get("cached_maps"):
+        seen = (
+            "those blocks' maps made once for each image and for its mirror (one of the two drawn per step, no other "
+            "augmentation)"
         )
-    return f"""Training: a phase on the heads over frozen features, then the network past its first
-{settings.get("freeze_blocks")} blocks (batch-norm statistics frozen), AdamW with warm-up and cosine decay, rotation,
-flip, zoom/shift and contrast augmentation, {losses}. An exponential moving average
-of the weights (decay {settings.get("ema_decay", 0)} per step) runs beside them; {kept}.{anatomy}"""
+    else:
+        seen = "rotation, flip, zoom/shift and contrast augmentation"
+    if averaged:
+        decay = setting(settings, "ema_decay")
+        kept = f"An exponential moving average of the weights (decay {decay} per step) runs beside them; {kept}"
+    return f"""Training: {heads}the network past its first {setting(settings, "freeze_blocks")} blocks
+(batch-norm statistics frozen), AdamW with warm-up and cosine decay, {seen}, {losses}.
+{kept[0].upper()}{kept[1:]}.{anatomy}"""
 
 
 def network_story(training: dict) -> str:
-    """One network's training in words (an average's first run, and how the others differ)."""
-    return averaged_story(training) + recipe_story(training.get("settings", {}))
+    """One network's training in words (an average's first run, and how the others differ; for a run that went on
+    from another network, that network's story first)."""
+    own = averaged_story(training) + recipe_story(training.get("settings", {}))
+    start = training.get("started_from")
+    if not start:
+        return own
+    return f"{network_story(start['training'])}\n\nThen, from that network ({start['version']}), one more run. {own}"
 
 
 def trained_parts(training: dict) -> list[str]:

@@ -56,6 +56,7 @@ class TrainSettings:
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     view_choice: str = "groups"  # the body part's size and view on the holdout: "groups" or "images" (see train)
     other_shift: bool = False  # finalize: add to the *other* logit the shift the holdout chooses (other_shift.py)
+    cached_maps: bool = False  # train what follows the frozen blocks on their maps, made once per image and mirror
     last_epoch: bool = False  # keep the last epoch (its EMA) instead of the best holdout one, no early stop
     time_budget: float | None = None  # minutes: start no epoch after this (one always runs), export the best so far
     limit: int | None = None  # smoke runs: at most this many train and holdout images
@@ -77,6 +78,9 @@ class TrainSettings:
         parse_part_weights(self.part_weights)
         if self.view_choice not in VIEW_CHOICES:
             raise ValueError(f"--view-choice: {self.view_choice!r} is not one of {', '.join(VIEW_CHOICES)}")
+        if self.cached_maps and (self.style or self.mix_styles):
+            raise ValueError("--cached-maps trains on maps made once from the unaltered images (and their mirrors): "
+                             "--style and --mix-styles need the images of every step")  # fmt: skip
         if not 0 <= self.mix_styles <= 1:
             raise ValueError("--mix-styles is the share of images whose feature statistics are mixed: from 0 to 1")
 

@@ -409,6 +409,26 @@ def epoch_order(data: TrainingData, settings: TrainSettings, dist: Distributed, 
     return pairs[pairs >= 0][:n]
 
 
+@torch.no_grad()
+def frozen_maps(model: MuraNet, images: torch.Tensor, blocks: int, batch_size: int = 32) -> torch.Tensor:
+    """(N, 2, C, H, W): the maps of the stem and the first ``blocks`` backbone blocks, for each image and its mirror.
+    Those layers never train past ``freeze_blocks``, so under ``--cached-maps`` they run once per image instead of
+    once per step; the mirror stands in for the augmentation the images would get. Leaves the model in eval mode."""
+    backbone, config, out = model.backbone, model.config, []
+    model.eval()
+    for batch in images.split(batch_size):
+        x = normalize(batch, config).to(next(model.parameters()).device)
+        views = [backbone.blocks[:blocks](backbone.bn1(backbone.conv_stem(v))) for v in (x, x.flip(-1))]
+        out.append(torch.stack(views, 1).cpu())
+    return torch.cat(out)
+
+
+def logits_from_maps(model: MuraNet, maps: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The model's output row from the maps :func:`frozen_maps` makes: the rest of the backbone, then the heads."""
+    backbone = model.backbone
+    return model.heads(backbone.forward_head(backbone.bn2(backbone.conv_head(backbone.blocks[blocks:](maps)))))
+
+
 def holdout_row(
     model, ema, config, data: TrainingData, phase: str, epoch: int, settings: TrainSettings
 ) -> tuple[dict, dict, MuraNet, str]:
@@ -458,6 +478,12 @@ def train(settings: TrainSettings) -> MuraNet:
     model.to(dist.device)
     data = load_training_data(settings, config, dist)
     t_start = time.time()
+    maps = None
+    if settings.cached_maps:
+        if dist.world > 1:
+            raise ValueError("--cached-maps trains in one process: run it without torchrun")
+        maps = frozen_maps(model, data.images, settings.freeze_blocks)
+        log(dist, f"made the maps of the first {settings.freeze_blocks} blocks in {time.time() - t_start:.0f}s")
 
     ckpt_path, meta_path, best_path = out / "checkpoint.safetensors", out / "checkpoint.json", out / "best.safetensors"
     meta = {"phase": "heads", "epoch": 0, "best_score": -1.0, "best_epoch": None, "stale": 0, "history": []}
@@ -518,9 +544,14 @@ def train(settings: TrainSettings) -> MuraNet:
                        file=sys.stdout)  # fmt: skip
             for step in bar:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-                x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
-                with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
-                    loss = data.losses(net(normalize(x, config).to(dist.device)), index)
+                if maps is None:
+                    x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
+                    with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
+                        logits = net(normalize(x, config).to(dist.device))
+                else:  # the image or its mirror, drawn per image
+                    mirrored = torch.randint(0, 2, (len(index),), generator=aug_gen)
+                    logits = logits_from_maps(model, maps[index, mirrored].to(dist.device), settings.freeze_blocks)
+                loss = data.losses(logits, index)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
