@@ -21,6 +21,7 @@ from mura_demo.core.weights import (
     round_as_stored,
     save_weights,
 )
+from mura_demo.training.card import reproduce_story
 
 
 def pair_config(**changes) -> ModelConfig:
@@ -153,6 +154,12 @@ def test_split_writes_each_network_of_a_pair_as_the_pair_stores_it(tmp_path):
         assert all(torch.equal(alone[k], stored[f"{role}.{k}"]) for k in alone)
         model, config = load_folder(tmp_path / role)
         assert isinstance(model, MuraNet) and not config.separate_body_part_network
-        assert (config.version, config.training) == (record[role]["version"], record[role]["training"])
+        split_from = {"folder": str(BUNDLED), "version": load_folder(BUNDLED)[1].version}
+        assert config.version == record[role]["version"]
+        assert config.training == record[role]["training"] | {"split_from": split_from}
+    # a run that starts from a half tells how the half was taken out of its pair
+    start = {"folder": str(tmp_path / "abnormality"), "version": config.version, "training": config.training}
+    story = reproduce_story({"settings": {"init_from": start["folder"]}, "started_from": start})
+    assert f"`python -m mura_demo split {BUNDLED} --out-dir {tmp_path}`" in story
     assert main(["split", str(tmp_path / "abnormality"), "--out-dir", str(tmp_path / "again")]) == 2
     assert not (tmp_path / "again").exists()

@@ -94,7 +94,7 @@ def training_command(settings: dict) -> str:
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
             args += [flag] if value else []
-        elif value != getattr(defaults, key, None) or key in ("imagenet_init", "export_dir"):
+        elif value is not None and (value != getattr(defaults, key, None) or key in ("imagenet_init", "export_dir")):
             args += [flag, str(value)]
     return "python -m mura_demo train " + shlex.join(args)
 
@@ -104,8 +104,15 @@ def reproduce_story(training: dict) -> str:
     run that started from another network (`--init-from`), first how that network was made."""
     runs, start = training.get("averaged"), training.get("started_from")
     if start:
+        split = start["training"].get("split_from")
+        stored = (
+            f" as version {split['version']} stores it (int8), taken out of that pair by `python -m mura_demo split "
+            f"{split['folder']} --out-dir {Path(start['folder']).parent}`"
+            if split
+            else ""
+        )
         return (
-            f"{reproduce_story(start['training'])}\n\nthen, from that network ({start['version']}, in "
+            f"{reproduce_story(start['training'])}\n\nthen, from that network ({start['version']}{stored}, in "
             f"`{start['folder']}`), one more training run:\n\n```\n{training_command(training['settings'])}\n```"
         )
     if not runs:
@@ -502,10 +509,12 @@ def write_model_card(folder: str | Path, report: dict) -> Path:
     )
     gate = report.get("body_part_gate", {})
     loso_training = gate.get("training") or {}
+    # the twin's own folder measures the figures again, carried over or not; an older carried record lacks it
+    twin = loso_training.get("settings", {}).get("export_dir")
     loso_option = (
         f"--loso-from {gate['carried_from']['folder']}"
-        if gate.get("carried_from")
-        else f"--loso-weights {loso_training.get('settings', {}).get('export_dir', 'runs/loso/weights')}"
+        if gate.get("carried_from") and not twin
+        else f"--loso-weights {twin or 'runs/loso/weights'}"
     )
     text = f"""
 # mura-demo: body-part-aware abnormality classifier ({config.model_name}, version {config.version})

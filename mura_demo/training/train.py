@@ -692,17 +692,18 @@ UNMEASURED = {"metrics": {}, "body_part_min_probability": 0.0, "body_part_confir
 
 def split_pair(folder: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """A pair's two networks as single-network folders, ``out_dir/body_part`` and ``out_dir/abnormality``, each with
-    its own version and training record and none of the pair's measured figures: a run can start from one
-    (``--init-from``) and ``pair`` can take one as it is. Each is stored as the pair stores it (int8 with its
-    scales): the numbers are the pair's."""
+    its own version and training record (and which pair it came from) and none of the pair's measured figures: a run
+    can start from one (``--init-from``) and ``pair`` can take one as it is. Each is stored as the pair stores it
+    (int8 with its scales): the numbers are the pair's."""
     model, config = load_folder(folder)
     if not config.separate_body_part_network:
         raise ValueError(f"{folder} holds one network, not a pair: use it as it is")
     out = []
     for role in ("body_part", "abnormality"):
         record = config.training["paired"][role]
+        training = record["training"] | {"split_from": {"folder": str(folder), "version": config.version}}
         alone = {"separate_body_part_network": False, "cam_layer": "backbone.bn2", "version": record["version"],
-                 "training": record["training"], **UNMEASURED}  # fmt: skip
+                 "training": training, **UNMEASURED}  # fmt: skip
         out.append(Path(out_dir) / role)
         save_weights(getattr(model, role), ModelConfig.from_dict(config.to_dict() | alone), out[-1], int8=True)
     return out[0], out[1]
