@@ -230,6 +230,7 @@ def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):
     first = training_command(config["training"]["started_from"]["training"]["settings"])
     assert story.index(first) < story.index(training_command(config["training"]["settings"]))
     assert "--init-from" in story and "--imagenet-init" not in training_command(config["training"]["settings"])
+    assert "It started from version smoke" in network_story(config["training"])
     refusals = {
         "is a pair": dict(init_from=str(ROOT / "weights"), input_size=256),
         "at 224 px: this run trains": dict(init_from=settings.init_from, input_size=256),

@@ -373,9 +373,9 @@ def recipe_story(settings: dict) -> str:
     else:
         losses = "class-balanced losses (pos_weight per part)"
     averaged = setting(settings, "ema_decay") > 0
-    shipped = "the average" if averaged else "the weights"
+    shipped = "the average after the last epoch is" if averaged else "the weights after the last epoch are"
     if settings.get("last_epoch"):
-        kept = f"{shipped} after the last epoch is shipped, a rule fixed before the run (no early stop)"
+        kept = f"{shipped} shipped, a rule fixed before the run (no early stop)"
     else:
         candidates = "the better of the two on the holdout's {judged} is" if averaged else "the weights are"
         kept = f"after every epoch {candidates.format(judged=judged)} a candidate, and the best is shipped"
@@ -402,7 +402,10 @@ def network_story(training: dict) -> str:
     start = training.get("started_from")
     if not start:
         return own
-    return f"{network_story(start['training'])}\n\nThen, from that network ({start['version']}), one more run. {own}"
+    return (
+        f"It started from version {start['version']}, trained as follows.\n{network_story(start['training'])}\n\n"
+        f"Then one more run from version {start['version']}. {own}"
+    )
 
 
 def trained_parts(training: dict) -> list[str]:
