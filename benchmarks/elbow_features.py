@@ -43,7 +43,6 @@ def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
     """AdamW 1e-4 on the last stage, per-part class-balanced log loss, one view drawn per image and step."""
     # the body-part head gets no gradient from this loss, so AdamW leaves it as it is
     optimizer = torch.optim.AdamW(set_phase(net, "finetune", LAST_STAGE), lr=1e-4, weight_decay=1e-4)
-    abnormal_logits = net.config.split_logits
     pos_weight = torch.ones(len(config.body_parts))
     for k in parts.unique():
         y = labels[parts == k]
@@ -53,7 +52,7 @@ def tune(net, config, maps, parts, labels, epochs: int, on_epoch) -> None:
         set_phase(net, "finetune", LAST_STAGE)  # dropout on, batch-norm statistics frozen (scoring turned both off)
         for batch in torch.randperm(len(maps), generator=generator).split(32):
             view = torch.randint(0, 2, (len(batch),), generator=generator)
-            logits = abnormal_logits(logits_from_maps(net, maps[batch, view], LAST_STAGE))[1]
+            logits = config.split_logits(logits_from_maps(net, maps[batch, view], LAST_STAGE))[1]
             picked = logits.gather(1, parts[batch, None])[:, 0]
             loss = F.binary_cross_entropy_with_logits(picked, labels[batch], pos_weight=pos_weight[parts[batch]])
             optimizer.zero_grad()

@@ -377,8 +377,11 @@ def recipe_story(settings: dict) -> str:
     if settings.get("last_epoch"):
         kept = f"{shipped} shipped, a rule fixed before the run (no early stop)"
     else:
-        candidates = "the better of the two on the holdout's {judged} is" if averaged else "the weights are"
-        kept = f"after every epoch {candidates.format(judged=judged)} a candidate, and the best is shipped"
+        kept = (
+            f"after every epoch the better of the two on the holdout's {judged} is a candidate, and the best is shipped"
+            if averaged
+            else f"after every epoch the weights are a candidate, and the best on the holdout's {judged} is shipped"
+        )
     heads = "a phase on the heads over frozen features, then " if setting(settings, "head_epochs") else ""
     if settings.get("cached_maps"):
         seen = (
