@@ -130,6 +130,11 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
         stated = [m["value"] for r in results.values() if part in r["dataset"]["name"] for m in r["metrics"]]
         assert round(auroc, 4) in stated
     assert not config["validated"]["wrist"]
+    validated = [p for p in ("elbow", "forearm", "humerus") if config["validated"][p]]
+    short = [p for p in ("elbow", "forearm", "humerus") if not config["validated"][p]]
+    assert f"Validated abnormality readings: {', '.join(validated) or 'none'}." in card
+    assert (f"Measured but not validated: {', '.join(short)}" in card) == bool(short)
+    assert "No labelled images of finger, hand, shoulder, wrist: those readings are guesses by transfer" in card
     assert config["body_part_min_probability"] == gate["level"]
     assert config["body_part_confirmation"] == gate["confirmation_required"]
     assert f"| mura/elbow | {groups['mura/elbow']['images']} | {groups['mura/elbow']['accuracy']:.1%} |" in card

