@@ -315,7 +315,6 @@ def carried_gate(folder: str, loaded: LoadedModel) -> dict:
         **record,
         "confirmation_required": earlier.body_part_confirmation,
         "reason": earlier.body_part_confirmation_reason,
-        "training": record.get("training"),
         "carried_from": {"folder": folder, "version": earlier.version, "measured_in": measured_in},
     }
 
