@@ -18,7 +18,13 @@ from mura_demo.core.model import create_model
 from mura_demo.core.preprocess import normalize
 from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
-from mura_demo.training.card import inference_story, network_story, reproduce_story, training_command
+from mura_demo.training.card import (
+    inference_story,
+    network_story,
+    reproduce_story,
+    threshold_story,
+    training_command,
+)
 from mura_demo.training.data import load_splits
 from mura_demo.training.other_shift import OTHER_SHIFTS
 from mura_demo.training.train import (
@@ -54,7 +60,13 @@ def test_smoke_train_export_reload_predict(tmp_path, imagenet_init, radiographs)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
     assert config["trained"] and config["version"] == "smoke"
     assert not any(config["validated"].values())  # only `evaluate --card` validates, on held-out figures
-    assert 0 < config["thresholds"]["forearm"] < 1
+    # every cut is 0.5 (session 46); how a cut fitted on the holdout would have fared is on record for the card
+    assert config["thresholds"] == dict.fromkeys(config["body_parts"], 0.5)
+    rules = config["training"]["threshold_rules"]
+    assert config["training"]["threshold_rule"] == "fixed_0.5" and "forearm" in rules
+    assert all(r["rule"] == "fixed_0.5" and set(r["held_out_kappa"]) == {"max_kappa", "fixed_0.5"}
+               for r in rules.values())  # fmt: skip
+    assert threshold_story(ModelConfig.load(tmp_path / "weights")).startswith("Every part's threshold is 0.5")
     groups = config["metrics"]["holdout"]["body_part_by_group"]
     assert "mura/forearm" in groups and all(0 <= g["accuracy"] <= 1 for g in groups.values())
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
@@ -213,12 +225,12 @@ def test_cached_maps_are_the_frozen_blocks_output_and_train_only_what_follows(tm
 
 def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):
     """`--init-from` starts a run from another run's exported network (strictly loaded), not from ImageNet alone:
-    at a learning rate of 0 the run ends with exactly the weights it started from. A pair, another input size, or
-    a network that saw a part this run withholds is refused before anything trains."""
+    at a learning rate of 0 the run ends with exactly the weights it started from (here a 224 px start, a 256 px run).
+    A pair, another architecture, or a network that saw a part this run withholds is refused before anything trains."""
     train(smoke_settings(tmp_path / "a", imagenet_init))
     start, _ = load_folder(tmp_path / "a" / "weights")
     settings = smoke_settings(tmp_path / "b", None, init_from=str(tmp_path / "a" / "weights"), head_epochs=0, lr=0.0,
-                              ema_decay=0.0, abnormality_only=True)  # fmt: skip
+                              ema_decay=0.0, abnormality_only=True, input_size=256)  # fmt: skip
     train(settings)
     checkpoint = load_file(tmp_path / "b" / "run" / "checkpoint.safetensors")
     params = dict(start.named_parameters())
@@ -233,7 +245,9 @@ def test_a_run_can_start_from_a_trained_network(tmp_path, imagenet_init):
     assert "It started from version smoke" in network_story(config["training"])
     refusals = {
         "is a pair": dict(init_from=str(ROOT / "weights"), input_size=256),
-        "at 224 px: this run trains": dict(init_from=settings.init_from, input_size=256),
+        "this run trains tf_efficientnet_lite1": dict(
+            init_from=settings.init_from, architecture="tf_efficientnet_lite1"
+        ),
         "same part withheld": dict(init_from=settings.init_from, withhold="mura:elbow"),
     }
     for n, (message, kw) in enumerate(refusals.items()):

@@ -85,31 +85,46 @@ def best_kappa_threshold(labels, scores) -> float:
     return float(np.clip(candidates[int(np.argmax(kappas))], 1e-4, 1 - 1e-4))
 
 
-def cross_validated_threshold(labels, scores, groups, n_splits: int = 100, seed: int = 0) -> tuple[float, dict]:
-    """A decision threshold chosen by a rule that holds up on unseen patients.
+THRESHOLD_RULES = {"max_kappa": best_kappa_threshold, "fixed_0.5": lambda *_: 0.5}
 
-    Two rules compete: the kappa-maximising threshold of the data, and a fixed 0.5 (the training
-    losses balance the classes with pos_weight, so 0.5 is the cut without a prior). Over repeated
-    splits of the ``groups`` (patients) in half, each rule sets its threshold on one half and is
-    scored by Cohen's kappa on the other; the rule with the higher mean then sets the threshold on
-    all the data. On ~100 studies the kappa-maximising threshold alone fits noise.
-    Returns the threshold and each rule's mean held-out kappa.
+
+def held_out_kappas(labels, scores, groups, n_splits: int = 100, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each threshold rule's Cohen's kappa on unseen patients, split by split.
+
+    Over repeated splits of the ``groups`` (patients) in half, each rule sets its threshold on one
+    half and is scored on the other; both rules see the same halves, so the arrays pair up.
     """
     y, s, g = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float), np.asarray(groups)
-    rules = {"max_kappa": best_kappa_threshold, "fixed_0.5": lambda *_: 0.5}
     patients = np.unique(g)
     rng = np.random.default_rng(seed)
-    held_out: dict[str, list[float]] = {name: [] for name in rules}
+    kappas: dict[str, list[float]] = {name: [] for name in THRESHOLD_RULES}
     for _ in range(n_splits):
         half = np.isin(g, rng.choice(patients, len(patients) // 2, replace=False))
         if len(np.unique(y[half])) < 2 or len(np.unique(y[~half])) < 2:
             continue
-        for name, rule in rules.items():
+        for name, rule in THRESHOLD_RULES.items():
             predicted = (s[~half] >= rule(y[half], s[half])).astype(int)
-            held_out[name].append(cohen_kappa(y[~half], predicted))
-    means = {name: float(np.mean(v)) if v else float("nan") for name, v in held_out.items()}
+            kappas[name].append(cohen_kappa(y[~half], predicted))
+    return {name: np.array(v) for name, v in kappas.items()}
+
+
+def mean_held_out_kappas(labels, scores, groups, n_splits: int = 100, seed: int = 0) -> dict[str, float]:
+    """Each threshold rule's mean :func:`held_out_kappas` (nan for a rule no split could score)."""
+    kappas = held_out_kappas(labels, scores, groups, n_splits, seed)
+    return {name: float(np.mean(v)) if len(v) else float("nan") for name, v in kappas.items()}
+
+
+def cross_validated_threshold(labels, scores, groups, n_splits: int = 100, seed: int = 0) -> tuple[float, dict]:
+    """A decision threshold for scores that have no natural cut, chosen by the rule that holds up on unseen patients.
+
+    The kappa-maximising threshold of the data competes with a fixed 0.5; the rule with the higher
+    :func:`mean_held_out_kappas` sets the threshold on all the data. For the frozen-feature baseline,
+    whose logistic regression does not balance the classes. Returns the threshold and the means.
+    """
+    means = mean_held_out_kappas(labels, scores, groups, n_splits, seed)
     best = "fixed_0.5" if means["fixed_0.5"] > means["max_kappa"] else "max_kappa"
-    return float(np.clip(rules[best](y, s), 1e-4, 1 - 1e-4)), {"rule": best, "held_out_kappa": means}
+    threshold = THRESHOLD_RULES[best](np.asarray(labels, dtype=int), np.asarray(scores, dtype=float))
+    return float(np.clip(threshold, 1e-4, 1 - 1e-4)), {"rule": best, "held_out_kappa": means}
 
 
 def paired_worse_p(worse: int, better: int) -> float:
