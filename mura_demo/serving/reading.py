@@ -70,7 +70,7 @@ def rounded(value: float) -> float:
 
 
 def decide(config: ModelConfig, part: str, probability: float, threshold: float | None) -> dict:
-    """The probability, the threshold in force for ``part`` (the user's, else the calibrated one)
+    """The probability, the threshold in force for ``part`` (the user's, else the model's own)
     and the verdict at it. Both numbers are rounded as reported, and the verdict is taken from the
     rounded ones, so it never disagrees with the figures beside it."""
     p = rounded(probability)

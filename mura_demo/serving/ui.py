@@ -5,7 +5,7 @@ Named API endpoints (inputs in this order):
   /explain  (image file, body part, method)                          -> overlay PNG
   /predict_study (list of files, body part or "auto", threshold)     -> JSON: per-view list and the study result
   /report   (list of files, body part, "pdf" or "png", threshold)    -> one-page report file
-The threshold is optional; 0 (the default) means the body part's calibrated threshold.
+The threshold is optional; 0 (the default) means the model's own threshold for the body part.
 
 What the page and the endpoints do lives in :class:`Handlers` (plain methods, testable without a
 browser or a layout); :func:`build_demo` only lays out the page and wires events to them. Bad input
@@ -268,7 +268,7 @@ def build_demo(predictor: Predictor, examples_dir: str | None = None) -> gr.Bloc
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity")
                 colormap = gr.Dropdown(list(COLORMAPS), value="jet", label="Colour map")
                 threshold = gr.Slider(
-                    0.0, 0.99, value=0.0, step=0.01, label="Decision threshold (0: the body part's calibrated one)"
+                    0.0, 0.99, value=0.0, step=0.01, label="Decision threshold (0: the model's own for the body part)"
                 )
                 with gr.Row():
                     kind = gr.Radio(list(REPORT_FORMATS), value="pdf", label="Report format", scale=1)

@@ -429,7 +429,7 @@ def network_story(training: dict) -> str:
 
 
 def trained_parts(training: dict) -> list[str]:
-    """The parts whose abnormality a network was trained and calibrated on (its threshold rules)."""
+    """The parts whose abnormality a network was trained on (its threshold records)."""
     return list(training.get("threshold_rules", {}))
 
 
@@ -459,7 +459,7 @@ def training_section(config: ModelConfig) -> str:
     transfer = (
         f" It was trained on MURA {' and '.join(trained_parts(abnormal['training']))} only (its training data had "
         f"no MURA {' or '.join(fewer)} images); its {' and '.join(fewer)} logit borrows those parts' mean weights, a "
-        "transfer guess, calibrated on the holdout."
+        "transfer guess, read at the trained parts' mean threshold."
         if fewer
         else ""
     )
@@ -569,7 +569,7 @@ The abnormality reading uses the logit of the detected (or user-chosen) part, at
 
 ## Data
 - Stanford MURA v1.1 **forearm and humerus** (all of them) and **583 elbow images of MURA train** (205 studies,
-  194 patients): `train` for training, of which a patient-level 15% holdout chose the epoch and the thresholds.
+  194 patients): `train` for training, of which a patient-level 15% holdout chose the epoch.
   MURA `valid` (forearm, humerus) was used for the figures below and nothing else. MURA has no elbow `valid`: a
   fixed quarter of the elbow patients (48 patients, 52 studies, 152 images; the rule is in `training/data.py`),
   carved before any elbow training and never used for a choice, is the elbow test share.
