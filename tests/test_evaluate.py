@@ -179,7 +179,8 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
 
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     """`average` joins runs' weights into one network, element by element, keeps the first run's settings and
-    every run on record, and finalizes it on the holdout like a run, on the CPU threads it was given."""
+    every run on record, and finalizes it on the holdout like a run, on the CPU threads it was given. Runs of
+    another input size or of another elbow fold are refused."""
     network, _ = bundled_networks(tmp_path / "nets")
     favoured = doctored_weights(tmp_path / "elbow", "elbow", source=network)
     threads = torch.get_num_threads()
@@ -206,6 +207,11 @@ def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224}, network)
     with pytest.raises(ValueError, match="one architecture, input size"):
         average_runs([str(network), str(smaller)], settings)
+    shipped_training = load_folder(network)[1].training
+    folds = [doctored_weights(tmp_path / f"fold{k}", "elbow", {"training": shipped_training | {
+        "settings": shipped | {"elbow_fold": k}}}, network) for k in (1, 2)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"one elbow fold can be averaged \(these have \[1, 2\]\)"):
+        average_runs([str(f) for f in folds], settings)  # fold 2's run trained on fold 1's elbows
 
 
 def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):

@@ -624,17 +624,21 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     weighted by ``shares``): a weight-space ensemble that keeps some of what each run learnt for the cost of one
     network. It is finalized on the holdout like a training run (flip, body-part input size and thresholds chosen
     again), with the runs' own settings and shares on record; ``settings`` gives what the command names
-    (``JOINING_SETTINGS``), the first run the rest. The runs must agree on architecture, input size and withheld part.
+    (``JOINING_SETTINGS``), the first run the rest. The runs must agree on architecture, input size, withheld part
+    and elbow fold.
     """
     shares = normalized_shares(shares, len(folders))
     loaded = [load_folder(folder) for folder in folders]
     first = loaded[0][1]
     withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
+    folds = {c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}
     if any(c.separate_body_part_network for _, c in loaded):
         raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
     if len(withheld) > 1 or any((c.architecture, c.input_size) != (first.architecture, first.input_size)
                                 for _, c in loaded):  # fmt: skip
         raise ValueError("only runs of one architecture, input size and withheld part can be averaged")
+    if len(folds) > 1:  # a run of another fold trained on this fold's elbows: the average could not read them fresh
+        raise ValueError(f"only runs of one elbow fold can be averaged (these have {sorted(folds, key=str)})")
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
     settings = dataclasses.replace(base, **{name: getattr(settings, name) for name in JOINING_SETTINGS})
