@@ -6,7 +6,11 @@ give an out-of-fold study AUROC over all 153 non-test elbow studies, printed bes
 same studies, with a paired bootstrap over patients of the difference. Each run's forearm and humerus holdout study
 AUROC (the holdout those parts keep in a fold run) is printed from its config. No test image is read.
 
+A comma-joined item (``a,b,c``: runs of one fold) is read as the uniform average of their weights, the network
+`average` would make, without its finalize: its forearm and humerus holdout AUROCs are read here (mirror included).
+
     python -m benchmarks.elbow_folds runs/s44/f1/weights ... runs/s44/f5/weights --reference weights
+    python -m benchmarks.elbow_folds runs/s45/f1/weights,runs/s47/s1f1/weights ... --reference weights
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import ELBOW_FOLDS, elbow_fold, is_mura_elbow, load_images, load_splits
+from mura_demo.training.train import mean_state
+
+ARMS = ("forearm", "humerus")
 
 
 def elbow_probabilities(model, config, samples) -> np.ndarray:
@@ -30,9 +37,36 @@ def elbow_probabilities(model, config, samples) -> np.ndarray:
     return abnormal[:, config.body_parts.index("elbow")].numpy()
 
 
+def fold_network(item: str):
+    """A fold run's network and config, or the uniform weight average of a comma-joined list of one fold's runs."""
+    loaded = [load_folder(folder) for folder in item.split(",")]
+    model, config = loaded[0]
+    if len({c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}) > 1:
+        raise SystemExit(f"{item}: an average must join runs of one fold")
+    if len(loaded) > 1:
+        model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
+    return model, config
+
+
+def arms_auroc(model, config, holdout) -> list[float]:
+    """Forearm and humerus holdout study AUROC, image and mirror averaged."""
+    config = dataclasses.replace(config, test_time_flip=True)
+    figures = []
+    for part in ARMS:
+        samples = [s for s in holdout if s.source == "mura" and s.body_parts == (part,)]
+        _, abnormal = score_images(model, config, load_images(samples, config.input_size))
+        scores = abnormal[:, config.body_parts.index(part)].numpy()
+        figures.append(study_figures(samples, [s.abnormal for s in samples], scores)[0])
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help=f"fold runs' weights folders (all {ELBOW_FOLDS} for the figure)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help=f"fold runs' weights folders (all {ELBOW_FOLDS} for the figure; a,b,c: their weight average)",
+    )
     parser.add_argument("--reference", default="weights", help="the network to beat (default: the shipped weights)")
     parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--n-boot", type=int, default=2000)
@@ -46,7 +80,7 @@ def main() -> None:
     out_of_fold = np.full(len(elbows), np.nan)
     print("fold  run                          images (studies)  fold AUROC (reference)  forearm / humerus holdout")
     for folder in args.runs:
-        model, config = load_folder(folder)
+        model, config = fold_network(folder)
         k = config.training.get("settings", {}).get("elbow_fold")
         if k is None or not np.isnan(out_of_fold[fold == k]).all():
             raise SystemExit(f"{folder}: not a run of a fold the other folders leave unread (train --elbow-fold)")
@@ -56,7 +90,9 @@ def main() -> None:
         trained, guess = (study_figures(fold_elbows, [e.abnormal for e in fold_elbows], p[rows])
                           for p in (out_of_fold, reference))  # fmt: skip
         held = config.metrics.get("holdout", {}).get("study_level", {})
-        others = " / ".join(f"{held.get(p, {}).get('auroc', float('nan')):.3f}" for p in ("forearm", "humerus"))
+        arms = arms_auroc(model, config, splits["holdout"]) if "," in folder else [
+            held.get(p, {}).get("auroc", float("nan")) for p in ARMS]  # fmt: skip
+        others = " / ".join(f"{a:.3f}" for a in arms)
         print(f"{k:>4}  {folder:<28} {len(rows):>6} ({trained[1]:>2})       {trained[0]:.3f} ({guess[0]:.3f})"
               f"           {others}")  # fmt: skip
 

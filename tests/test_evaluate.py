@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from mura_demo.cli import build_parser, combining_settings
 from mura_demo.core.weights import SCALE_SUFFIX, load_folder, load_model, round_as_stored
 from mura_demo.training.card import averaged_story, write_model_card
-from mura_demo.training.data import load_splits
+from mura_demo.training.data import elbow_fold_splits, is_mura_elbow, load_splits
 from mura_demo.training.evaluate import carried_gate, evaluate
 from mura_demo.training.settings import EvalSettings, TrainSettings
 from mura_demo.training.train import average_runs, pair_networks, train
@@ -180,7 +180,7 @@ def test_evaluate_writes_report_plots_and_card(mini_data, imagenet_init, tmp_pat
 def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
     """`average` joins runs' weights into one network, element by element, keeps the first run's settings and
     every run on record, and finalizes it on the holdout like a run, on the CPU threads it was given. Runs of
-    another input size or of another elbow fold are refused."""
+    another input size or of another elbow fold are refused; runs of one fold are finalized on that fold's elbows."""
     network, _ = bundled_networks(tmp_path / "nets")
     favoured = doctored_weights(tmp_path / "elbow", "elbow", source=network)
     threads = torch.get_num_threads()
@@ -212,6 +212,12 @@ def test_an_average_of_runs_is_one_finalized_network(mini_data, tmp_path):
         "settings": shipped | {"elbow_fold": k}}}, network) for k in (1, 2)]  # fmt: skip
     with pytest.raises(ValueError, match=r"one elbow fold can be averaged \(these have \[1, 2\]\)"):
         average_runs([str(f) for f in folds], settings)  # fold 2's run trained on fold 1's elbows
+    fold_average = average_runs([str(folds[0])] * 2, dataclasses.replace(settings, export_dir=str(tmp_path / "w1")))
+    splits = load_splits(mini_data)
+    fold_elbows = [s for s in elbow_fold_splits(splits, 1)["holdout"] if is_mura_elbow(s)]
+    assert len(fold_elbows) != len([s for s in splits["holdout"] if is_mura_elbow(s)])  # the test can tell them apart
+    finalized_on = fold_average.metrics["holdout"]["body_part_by_group"]["mura/elbow"]["images"]
+    assert finalized_on == len(fold_elbows) > 0  # the fold's elbows, unseen by its runs, not the usual holdout's
 
 
 def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):

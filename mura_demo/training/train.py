@@ -356,10 +356,14 @@ class TrainingData:
     steps: int  # per epoch and rank
 
 
-def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
+def run_splits(settings: TrainSettings) -> dict[str, list[Sample]]:
+    """The splits a run trains and finalizes on: with an elbow fold, that fold's elbows are the elbow holdout."""
     splits = load_splits(settings.data_root)
-    if settings.elbow_fold is not None:
-        splits = elbow_fold_splits(splits, settings.elbow_fold)
+    return splits if settings.elbow_fold is None else elbow_fold_splits(splits, settings.elbow_fold)
+
+
+def load_training_data(settings: TrainSettings, config: ModelConfig, dist: Distributed) -> TrainingData:
+    splits = run_splits(settings)
     train_set = subsample(withhold(splits["train"], settings.withhold), settings.limit)
     if settings.abnormality_only:  # images without an abnormality label would teach nothing
         train_set = [s for s in train_set if s.abnormal is not None]
@@ -714,14 +718,15 @@ def split_pair(folder: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def finalize_on_holdout(settings: TrainSettings, model: torch.nn.Module, meta: dict) -> ModelConfig:
-    """Finalize a model made of trained weights (an average, a pair) on the holdout of ``settings.data_root``."""
+    """Finalize a model made of trained weights (an average, a pair) on the holdout of ``settings.data_root`` (an
+    average of one elbow fold's runs on that fold's, as they were)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(model_tensors(model), out / "best.safetensors")
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # scoring follows the model's device
-    splits = load_splits(settings.data_root)
+    splits = run_splits(settings)
     holdout = withhold(splits["holdout"], settings.withhold)
     losses = Losses(model.config, withhold(splits["train"], settings.withhold))
     images = load_images(holdout, model.config.input_size)
