@@ -25,7 +25,8 @@ from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import ELBOW_FOLDS, elbow_fold, is_mura_elbow, load_images, load_splits
-from mura_demo.training.train import mean_state
+from mura_demo.training.metrics import auroc
+from mura_demo.training.train import mean_state, part_study_scores
 
 ARMS = ("forearm", "humerus")
 
@@ -49,15 +50,12 @@ def fold_network(item: str):
 
 
 def arms_auroc(model, config, holdout) -> list[float]:
-    """Forearm and humerus holdout study AUROC, image and mirror averaged."""
+    """Forearm and humerus holdout study AUROC, image and mirror averaged (as a run's holdout figures are made)."""
     config = dataclasses.replace(config, test_time_flip=True)
-    figures = []
-    for part in ARMS:
-        samples = [s for s in holdout if s.source == "mura" and s.body_parts == (part,)]
-        _, abnormal = score_images(model, config, load_images(samples, config.input_size))
-        scores = abnormal[:, config.body_parts.index(part)].numpy()
-        figures.append(study_figures(samples, [s.abnormal for s in samples], scores)[0])
-    return figures
+    samples = [s for s in holdout if s.source == "mura" and s.body_parts in [(part,) for part in ARMS]]
+    _, abnormal = score_images(model, config, load_images(samples, config.input_size))
+    studies = part_study_scores(config, samples, abnormal)
+    return [auroc(*studies[part][1:]) for part in ARMS]
 
 
 def main() -> None:
