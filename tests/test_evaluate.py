@@ -21,6 +21,7 @@ from conftest import BUNDLED, MURA, UNIFESP, bundled_networks, doctored_weights,
 from safetensors.torch import load_file, save_file
 
 from mura_demo.cli import build_parser, combining_settings
+from mura_demo.core.inference import model_logits
 from mura_demo.core.weights import SCALE_SUFFIX, load_folder, load_model, round_as_stored
 from mura_demo.training.card import averaged_story, write_model_card
 from mura_demo.training.data import elbow_fold_splits, is_mura_elbow, load_splits
@@ -225,11 +226,16 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     the abnormality from the second, stored as int8 within the weights budget, finalized on the holdout, with both
     networks on record; pairs, twins and networks that do not fit are refused."""
     body, abnormal = bundled_networks(tmp_path / "nets")
-    elbow = doctored_weights(tmp_path / "elbow", "elbow", source=body)  # a body part the test knows in advance
+    # a body part the test knows in advance, from a network of another size than the abnormality network's
+    size = load_folder(abnormal)[1].input_size - 32
+    elbow = doctored_weights(tmp_path / "elbow", "elbow", {"input_size": size, "body_part_input_size": None}, body)
     settings = TrainSettings(data_root=str(mini_data), out_dir=str(tmp_path / "run"), export_dir=str(tmp_path / "w"),
                              version="pair")  # fmt: skip
     config = pair_networks(str(elbow), str(abnormal), settings)
     assert config.separate_body_part_network and config.cam_layer == "abnormality.backbone.bn2" and config.trained
+    # each network reads the image letterboxed at its own size
+    assert (config.input_size, config.body_part_image_size) == (size + 32, size)
+    assert max(int(s) for s in config.training["holdout_body_part_accuracy_by_size"]) == size  # chosen on its own
     assert all(0 < config.thresholds[p] < 1 for p in ("elbow", "forearm", "humerus"))
     paired = config.training["paired"]
     assert (paired["body_part"]["folder"], paired["abnormality"]["folder"]) == (str(elbow), str(abnormal))
@@ -245,6 +251,8 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     trained = [loaded.body_parts.index(p) for p in ("elbow", "forearm", "humerus")]
     with torch.no_grad():
         body_logits, abnormal_logits = loaded.split_logits(model(x))
+        assert body_logits.isnan().all()  # the body part is never read from the abnormality network's letterbox
+        body_logits = loaded.split_logits(model_logits(model, loaded, x, letterboxed=x[..., :size, :size]))[0]
         assert (body_logits.argmax(1) == loaded.body_part_classes.index("elbow")).all()
         # the abnormality network's own answer, as int8 storage keeps it
         assert torch.allclose(abnormal_logits[:, trained], loaded.split_logits(alone(x))[1][:, trained], atol=1e-5)
@@ -253,9 +261,9 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     twin = doctored_weights(tmp_path / "twin", "elbow", {"training": {"settings": {"withhold": "mura:elbow"}}}, body)
     with pytest.raises(ValueError, match="leave-one-source-out twin"):
         pair_networks(str(twin), str(abnormal), settings)
-    smaller = doctored_weights(tmp_path / "small", "elbow", {"input_size": 224, "body_part_input_size": 224}, body)
-    with pytest.raises(ValueError, match="must agree on architecture, input_size"):
-        pair_networks(str(smaller), str(abnormal), settings)
+    other_mean = doctored_weights(tmp_path / "mean", "elbow", {"mean": (0.4, 0.4, 0.4)}, body)
+    with pytest.raises(ValueError, match="must agree on architecture, mean"):
+        pair_networks(str(other_mean), str(abnormal), settings)
     body_only = doctored_weights(
         tmp_path / "alone", "elbow", {"training": {"settings": {"body_part_only": True}}}, body
     )

@@ -141,6 +141,17 @@ def test_int8_tensors_without_their_scales_are_refused(pair, tmp_path):
     assert f"wrong shape: abnormality.backbone.conv_head.weight{SCALE_SUFFIX}" in message
 
 
+def test_only_a_pair_s_body_part_network_has_a_size_of_its_own():
+    """A letterbox of the body part's own is a pair's (its networks trained at two sizes), and the body part's coarser
+    view is resized from that letterbox, never above it."""
+    assert pair_config(body_part_letterbox_size=48).body_part_image_size == 48
+    assert pair_config().body_part_image_size == 64
+    with pytest.raises(ValueError, match="body_part_letterbox_size is for a pair"):
+        ModelConfig.from_dict(ModelConfig(input_size=64).to_dict() | {"body_part_letterbox_size": 48})
+    with pytest.raises(ValueError, match=r"body_part_input_size must lie in \[32, 48\]"):
+        ModelConfig.from_dict(pair_config(body_part_letterbox_size=48).to_dict() | {"body_part_input_size": 64})
+
+
 @needs_weights
 def test_split_writes_each_network_of_a_pair_as_the_pair_stores_it(tmp_path):
     """`split`: the bundled pair's two networks as folders of their own, each tensor the pair's (int8 and scales
@@ -156,6 +167,7 @@ def test_split_writes_each_network_of_a_pair_as_the_pair_stores_it(tmp_path):
         assert isinstance(model, MuraNet) and not config.separate_body_part_network
         split_from = {"folder": str(BUNDLED), "version": load_folder(BUNDLED)[1].version}
         assert config.version == record[role]["version"]
+        assert config.input_size == record[role]["training"]["settings"]["input_size"]  # the size it was trained at
         assert config.training == record[role]["training"] | {"split_from": split_from}
     # a run that starts from a half tells how the half was taken out of its pair
     start = {"folder": str(tmp_path / "abnormality"), "version": config.version, "training": config.training}

@@ -102,6 +102,36 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
 
 
+def test_a_pair_reads_each_network_at_the_size_it_was_trained_at(predictor, images):
+    """A pair whose abnormality network reads a larger letterbox than its body-part network: the body part is read
+    from the body-part network's own letterbox (so every figure measured for that reading holds),
+    never from the larger image; the abnormality and the maps come from the larger letterbox."""
+    config = predictor.config
+    if not config.separate_body_part_network:
+        pytest.skip("the bundled weights hold one network: a size per network is a pair's")
+    loaded = copy.copy(predictor.loaded)
+    loaded.model = copy.deepcopy(predictor.model)
+    larger = config.input_size + 32
+    loaded.config = loaded.model.config = dataclasses.replace(
+        config, input_size=larger, body_part_letterbox_size=config.input_size
+    )
+    sized = Predictor(loaded)
+    with backbone_passes(sized.model) as seen:
+        analysis = sized.analyze(images["a"], methods=("gradcam", "saliency"))
+    assert images_through(seen, "body_part") == images_through(seen, "body_part", config.input_size) > 0
+    assert images_through(seen, "abnormality") == images_through(seen, "abnormality", larger) > 0
+    same = predictor.analyze(images["a"], methods=()).scores.body_part  # the body-part network's own reading
+    assert analysis.scores.body_part == pytest.approx(same, abs=1e-6)  # to float rounding: passes batched otherwise
+    x, _ = to_model_input(load_image(images["a"]), sized.config)
+    with torch.no_grad():
+        abnormal = config.split_logits((sized.model(x) + sized.model(x.flip(-1))) / 2)[1].sigmoid()[0]
+        assert config.split_logits(sized.model(x))[0].isnan().all()  # never a body part read at the wrong size
+    assert [analysis.scores.abnormality[p] for p in config.body_parts] == pytest.approx(abnormal.tolist(), abs=1e-5)
+    assert all(m.shape == (larger, larger) for m in analysis.maps.values())
+    with pytest.raises(ValueError, match=f"letterboxed at {config.input_size} px"):
+        model_logits(sized.model, sized.config, x)  # the body part's own letterbox is not optional
+
+
 @pytest.mark.parametrize(("flip", "coarse_size", "equalized"), [(False, None, False), (True, None, True),
                                                              (True, 160, False), (True, 160, True)])  # fmt: skip
 def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, images, flip, coarse_size, equalized):

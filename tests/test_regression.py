@@ -10,7 +10,7 @@ from conftest import BUNDLED, DATA, needs_data, needs_weights
 
 from mura_demo.core.inference import score_images
 from mura_demo.core.weights import load_model
-from mura_demo.training.data import abnormality_rows, load_images, load_splits
+from mura_demo.training.data import abnormality_rows, load_splits, model_images
 from mura_demo.training.evaluate import body_part_by_group
 from mura_demo.training.metrics import auroc, study_scores
 
@@ -23,8 +23,9 @@ def scored():
     if "held_out" not in loaded.config.metrics:
         pytest.skip("config.json has no held-out metrics yet (run `python -m mura_demo evaluate --card`)")
     samples = load_splits(DATA)["test"]  # MURA valid, the elbow test share, the UNIFESP test share
-    bp, ab = score_images(loaded.model, loaded.config, load_images(samples, loaded.config.input_size))
-    return loaded.config, samples, bp, ab
+    config = loaded.config
+    bp, ab = score_images(loaded.model, config, *model_images(samples, config))
+    return config, samples, bp, ab
 
 
 def test_held_out_study_auroc_matches_the_model_card(scored):

@@ -28,7 +28,10 @@ class ModelConfig:
     cam_layer: str = "backbone.bn2"
     drop_rate: float = 0.2
     test_time_flip: bool = False  # average the logits of the image and its mirror image
-    body_part_input_size: int | None = None  # read the body part from the image resized to this size
+    body_part_input_size: int | None = None  # read the body part from its letterbox resized to this size
+    # A pair whose body-part network was trained at another size reads the body part from the image letterboxed
+    # at that size (None: from the model input), so that it reads exactly as it did alone.
+    body_part_letterbox_size: int | None = None
     body_part_equalized_view: bool = False  # body-part logits: the mean of the image's and its equalised view's
     # The body part read by a network of its own (a BodyPartPair: one network per head), so that choosing a
     # body-part network never costs the abnormality reading, and the reverse.
@@ -51,6 +54,12 @@ class ModelConfig:
     def model_name(self) -> str:
         """What the page and the API name the model ("2 x ...": one network per head)."""
         return f"2 x {self.architecture}" if self.separate_body_part_network else self.architecture
+
+    @property
+    def body_part_image_size(self) -> int:
+        """The size the image is letterboxed at for the body part (the model input's, unless a pair's body-part
+        network has a size of its own)."""
+        return self.body_part_letterbox_size or self.input_size
 
     @property
     def body_part_classes(self) -> tuple[str, ...]:
@@ -109,9 +118,13 @@ class ModelConfig:
             table = getattr(self, name)
             if set(table) != set(self.body_parts):
                 raise ValueError(f"config.json: '{name}' must name exactly the parts {list(self.body_parts)}")
-        size = self.body_part_input_size
-        if size is not None and not 32 <= size <= self.input_size:
-            raise ValueError(f"config.json: body_part_input_size must lie in [32, input_size], got {size}")
+        if self.body_part_letterbox_size is not None and not self.separate_body_part_network:
+            raise ValueError("config.json: body_part_letterbox_size is for a pair, whose body-part network has a size")
+        letterboxed, size = self.body_part_image_size, self.body_part_input_size
+        if letterboxed < 32:
+            raise ValueError(f"config.json: the body part's letterbox must be at least 32 px, got {letterboxed}")
+        if size is not None and not 32 <= size <= letterboxed:
+            raise ValueError(f"config.json: body_part_input_size must lie in [32, {letterboxed}], got {size}")
         for part, t in self.thresholds.items():
             if not 0.0 < float(t) < 1.0:
                 raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")

@@ -6,11 +6,14 @@ with ``config.test_time_flip`` the logits are the mean of the image's and its mi
 ``config.body_part_input_size`` below the input size the body-part logits come from the image
 resized to that size (the holdout showed the part is told better from a coarser view). With
 ``config.body_part_equalized_view`` the body-part logits are the mean of that view's and of the same view
-histogram-equalised: equalising hides a source's grey levels, not the anatomy.
+histogram-equalised: equalising hides a source's grey levels, not the anatomy. A pair whose body-part network
+was trained at a size of its own reads the body part from the image letterboxed at that size
+(``config.body_part_letterbox_size``), passed beside the model input, so that it reads exactly as it did alone.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -43,8 +46,14 @@ def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Te
     return logits
 
 
-def body_part_view(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
-    """``x`` resized to the size the config reads the body part at (``x`` itself when that is its size)."""
+def body_part_view(config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tensor | None = None) -> torch.Tensor:
+    """The view the body part is read from: the image letterboxed for the body part (the model input ``x``, or
+    ``letterboxed`` where a pair's body-part network reads a size of its own), resized to the config's
+    ``body_part_input_size`` when that is smaller (the letterbox itself when it is that size)."""
+    if config.body_part_image_size != config.input_size:
+        x = letterboxed
+    if x is None or x.shape[-1] != config.body_part_image_size:
+        raise ValueError(f"the body part is read from the image letterboxed at {config.body_part_image_size} px")
     size = config.body_part_input_size
     if not size or size == x.shape[-1]:
         return x
@@ -52,16 +61,23 @@ def body_part_view(config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
 
 
 def answer_from(
-    model: torch.nn.Module, config: ModelConfig, x: torch.Tensor, body_part: bool = True, abnormality: bool = True
+    model: torch.nn.Module,
+    config: ModelConfig,
+    x: torch.Tensor,
+    body_part: bool = True,
+    abnormality: bool = True,
+    letterboxed: torch.Tensor | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Run the passes that complete the answer for ``x`` beyond its own forward pass (the mirror
-    image, the coarser body-part view, its equalised copy) and return the map from ``x``'s own logits to the answer.
+    image, the body part's own or coarser view, its equalised copy) and return the map from ``x``'s own logits to
+    the answer.
 
     The explanation maps need ``x``'s own pass with gradients; every other pass runs here without.
     ``body_part`` and ``abnormality`` say which columns of the answer must be complete: a caller that
-    only routes on the body part, or not even that, is spared the passes it would not read.
+    only routes on the body part, or not even that, is spared the passes it would not read. ``letterboxed``: the
+    body part's own letterbox, for a pair that reads it (see :func:`body_part_view`).
     """
-    view = body_part_view(config, x) if body_part else x
+    view = body_part_view(config, x, letterboxed) if body_part else x
     coarse_view = view is not x
     with torch.no_grad():
         mirror = config.test_time_flip and (abnormality or (body_part and not coarse_view))
@@ -84,9 +100,11 @@ def answer_from(
     return answer
 
 
-def model_logits(model: torch.nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+def model_logits(
+    model: torch.nn.Module, config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tensor | None = None
+) -> torch.Tensor:
     """Normalised batch -> the model's answer (test-time flip and body-part view included)."""
-    return answer_from(model, config, x)(model(x))
+    return answer_from(model, config, x, letterboxed=letterboxed)(model(x))
 
 
 @contextmanager
@@ -106,15 +124,27 @@ def batched(images: torch.Tensor, config: ModelConfig, device: torch.device, bat
         yield normalize(images[start : start + batch_size], config).to(device)
 
 
+def body_part_batches(images: torch.Tensor | None, config: ModelConfig, device: torch.device, batch_size: int):
+    """The batches of the body part's own letterboxes beside :func:`batched`'s (None each where there are none)."""
+    return itertools.repeat(None) if images is None else batched(images, config, device, batch_size)
+
+
 @torch.inference_mode()
 def score_images(
-    model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
+    model: torch.nn.Module,
+    config: ModelConfig,
+    images: torch.Tensor,
+    body_part_images: torch.Tensor | None = None,
+    batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 1, S, S) letterboxed images -> (body-part probabilities, abnormality probabilities)."""
+    """uint8 (N, 1, S, S) letterboxed images -> (body-part probabilities, abnormality probabilities).
+    ``body_part_images``: the same images letterboxed for the body part, for a pair that reads its own size."""
     body, abnormal = [], []
+    device = next(model.parameters()).device
     with eval_mode(model):
-        for x in batched(images, config, next(model.parameters()).device, batch_size):
-            bp, ab = config.split_logits(model_logits(model, config, x).float().cpu())
+        for x, own in zip(batched(images, config, device, batch_size),
+                          body_part_batches(body_part_images, config, device, batch_size)):  # fmt: skip
+            bp, ab = config.split_logits(model_logits(model, config, x, own).float().cpu())
             body.append(bp.softmax(1))
             abnormal.append(ab.sigmoid())
     return torch.cat(body), torch.cat(abnormal)
@@ -124,11 +154,12 @@ def score_images(
 def score_body_parts(
     model: torch.nn.Module, config: ModelConfig, images: torch.Tensor, batch_size: int = 64
 ) -> torch.Tensor:
-    """uint8 (N, 1, S, S) letterboxed images -> body-part probabilities, the same as ``score_images``'
-    first half without the passes only the abnormality answer reads (for choices and probes on the part alone)."""
+    """uint8 (N, 1, S, S) images letterboxed for the body part (``config.body_part_image_size``) -> body-part
+    probabilities, the same as ``score_images``' first half without the passes only the abnormality answer reads
+    (for choices and probes on the part alone)."""
     with eval_mode(model):
-        body = [
-            body_part_logits(model, config, body_part_view(config, x)).float().cpu().softmax(1)
+        body = [  # x is the body part's letterbox whether or not the model input is too
+            body_part_logits(model, config, body_part_view(config, x, x)).float().cpu().softmax(1)
             for x in batched(images, config, next(model.parameters()).device, batch_size)
         ]
     return torch.cat(body)

@@ -69,7 +69,12 @@ class BodyPartPair(nn.Module):
         return self.abnormality.abnormality_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pair's output row for the model input ``x``. Where the body-part network reads a letterbox of its own
+        size, its columns come from that letterbox's pass (:func:`.inference.answer_from`), not from ``x``: here
+        they are NaN, never a reading of the wrong image."""
         abnormal = self.config.split_logits(self.abnormality(x))[1]
+        if self.config.body_part_image_size != self.config.input_size:
+            return torch.cat([abnormal.new_full((len(x), len(self.config.body_part_classes)), torch.nan), abnormal], 1)
         return torch.cat([self.body_part_logits(x), abnormal], dim=1)
 
     @torch.no_grad()

@@ -60,8 +60,21 @@ def equalized_view(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return normalize(equalize(x[:, :1]), config)
 
 
-def to_model_input(image: Image.Image, config: ModelConfig) -> tuple[torch.Tensor, Box]:
-    """A greyscale PIL image -> the (1, 3, S, S) model input and its content box."""
-    square, box = letterbox(image, config.input_size)
+def letterboxed_input(image: Image.Image, config: ModelConfig, size: int) -> tuple[torch.Tensor, Box]:
+    """A greyscale PIL image letterboxed at ``size`` -> a normalised (1, 3, size, size) input and its content box."""
+    square, box = letterbox(image, size)
     grey = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())[None, None]
     return normalize(grey, config), box
+
+
+def to_model_input(image: Image.Image, config: ModelConfig) -> tuple[torch.Tensor, Box]:
+    """A greyscale PIL image -> the (1, 3, S, S) model input and its content box."""
+    return letterboxed_input(image, config, config.input_size)
+
+
+def body_part_input(image: Image.Image, config: ModelConfig) -> torch.Tensor | None:
+    """The image letterboxed for the body part where a pair's body-part network reads a size of its own
+    (None: the body part is read from the model input)."""
+    if config.body_part_image_size == config.input_size:
+        return None
+    return letterboxed_input(image, config, config.body_part_image_size)[0]

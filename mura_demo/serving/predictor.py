@@ -21,7 +21,7 @@ from ..core.checks import ImageInputError, RequestError
 from ..core.explain import DEFAULT_METHODS, METHODS, explain
 from ..core.imaging import load_image, load_views
 from ..core.inference import answer_from
-from ..core.preprocess import Box, to_model_input
+from ..core.preprocess import Box, body_part_input, to_model_input
 from ..core.render import overlay
 from ..core.weights import LoadedModel, load_model
 from .reading import AUTO, Prediction, ViewScores, read_study, routed_part
@@ -135,8 +135,9 @@ class Predictor:
         image = load_image(source)
         x, box = to_model_input(image, self.config)
         if body_part == AUTO:
+            own = body_part_input(image, self.config)
             with self.lock:
-                answer = answer_from(self.model, self.config, x, body_part=True, abnormality=False)
+                answer = answer_from(self.model, self.config, x, body_part=True, abnormality=False, letterboxed=own)
 
             def part_of(logits: torch.Tensor) -> str | None:
                 return routed_part(self.config, self._scores(answer(logits)).body_part, AUTO)[0]
@@ -185,16 +186,18 @@ class Predictor:
     def view(self, image: Image.Image) -> Analysis:
         """A decoded view through the model's forward passes (no gradients), not read yet."""
         x, box = to_model_input(image, self.config)
+        own = body_part_input(image, self.config)
         with self.lock, torch.no_grad():
-            scores = self._scores(answer_from(self.model, self.config, x)(self.model(x)))
+            scores = self._scores(answer_from(self.model, self.config, x, letterboxed=own)(self.model(x)))
         return Analysis(image, box, {}, None, x, scores)
 
     def explained_view(self, image: Image.Image, body_part: str, methods, threshold: float | None) -> Analysis:
         """A study of one view: its answer and its maps from one shared pass (the answer's other passes
         run first, without gradients; the part to explain is read from the completed answer)."""
         x, box = to_model_input(image, self.config)
+        own = body_part_input(image, self.config)
         with self.lock:
-            answer = answer_from(self.model, self.config, x)
+            answer = answer_from(self.model, self.config, x, letterboxed=own)
         found = {}
 
         def part_of(logits: torch.Tensor) -> str | None:

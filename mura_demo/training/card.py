@@ -220,7 +220,7 @@ def inference_story(config: ModelConfig) -> str:
     if with_flip is not None:
         story += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
     by_size = config.training.get("holdout_body_part_accuracy_by_size")
-    if config.body_part_input_size and config.body_part_input_size != config.input_size:
+    if config.body_part_input_size and config.body_part_input_size != config.body_part_image_size:
         story += (
             f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
             "its body-part logits only)"
@@ -440,9 +440,15 @@ def architecture_sentence(config: ModelConfig) -> str:
             f"One `{config.architecture}` backbone (ImageNet initialisation) at {config.input_size} px (letterboxed, "
             f"aspect kept)\nwith two heads: a body-part head ({classes}) and one abnormality logit per MURA body part."
         )
+    sizes = (
+        f"at {config.input_size} px"
+        if config.body_part_image_size == config.input_size
+        else f"(the body-part network at {config.body_part_image_size} px, the abnormality network and its maps at "
+        f"{config.input_size} px: each the size it was trained at)"
+    )
     return (
-        f"Two `{config.architecture}` networks (ImageNet initialisation, each trained on its own) at "
-        f"{config.input_size} px (letterboxed, aspect kept),\none per question: the **body-part network** reads the "
+        f"Two `{config.architecture}` networks (ImageNet initialisation, each trained on its own) {sizes} "
+        "(letterboxed, aspect kept),\none per question: the **body-part network** reads the "
         f"body part ({classes}), the **abnormality network** one abnormality logit per MURA body part; neither "
         "reads the other's head. The two are stored as int8 (wide conv and linear weights, one scale per output "
         "channel; depthwise and stem filters float16) so that both fit the 10 MB budget, and every choice below "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.config import BODY_PARTS, OTHER
+from ..core.config import BODY_PARTS, OTHER, ModelConfig
 from ..core.imaging import load_image
 from ..core.preprocess import letterbox
 from .panels import Box, panel_boxes
@@ -261,6 +261,19 @@ def load_images(samples: list[Sample], size: int) -> torch.Tensor:
         square, _ = letterbox(crop_end(grey, s.end) if s.end else grey, size)
         out[i, 0] = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy())
     return out
+
+
+def body_part_images(samples: list[Sample], config: ModelConfig) -> torch.Tensor | None:
+    """``samples`` letterboxed for the body part where a pair's body-part network reads a size of its own (None:
+    the body part is read from the model inputs)."""
+    size = config.body_part_image_size
+    return None if size == config.input_size else load_images(samples, size)
+
+
+def model_images(samples: list[Sample], config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``samples`` letterboxed as ``config``'s model reads them: its inputs, and the body part's own letterboxes
+    where it has them (see :func:`body_part_images`); the arguments ``score_images`` takes after the config."""
+    return load_images(samples, config.input_size), body_part_images(samples, config)
 
 
 def body_part_targets(samples: list[Sample], classes: tuple[str, ...]) -> torch.Tensor:

@@ -22,7 +22,17 @@ from ..core.inference import score_body_parts, score_images
 from ..core.model import body_part_network, create_model
 from ..core.preprocess import normalize
 from ..core.weights import LoadedModel, load_folder, load_model, round_as_stored
-from .data import Sample, abnormality_rows, end_crops, group_of, is_withheld, load_images, load_splits, patients_of
+from .data import (
+    Sample,
+    abnormality_rows,
+    end_crops,
+    group_of,
+    is_withheld,
+    load_images,
+    load_splits,
+    model_images,
+    patients_of,
+)
 from .metrics import auroc, bootstrap_ci, cohen_kappa, cross_validated_threshold, roc_curve, study_scores
 from .settings import EvalSettings
 
@@ -289,7 +299,7 @@ def correct_clearing(config: ModelConfig, test: list[Sample], test_bp: np.ndarra
 
 
 # What the body part's reading depends on besides the body-part network's tensors.
-BODY_PART_READING = ("architecture", "input_size", "mean", "std", "body_parts", "test_time_flip",
+BODY_PART_READING = ("architecture", "body_part_image_size", "mean", "std", "body_parts", "test_time_flip",
                      "body_part_input_size", "body_part_equalized_view")  # fmt: skip
 
 
@@ -323,7 +333,7 @@ def end_crop_calls(model, config: ModelConfig, samples: list[Sample]) -> dict:
     """What the model calls the two end crops of held-out MURA forearm and humerus images: a check that
     the end-crop lever taught anatomy (about half elbow, half wrist/shoulder), not "every end is an elbow"."""
     crops = end_crops([s for s in samples if s.source == "mura"])
-    bp = score_body_parts(model, config, load_images(crops, config.input_size)).numpy()
+    bp = score_body_parts(model, config, load_images(crops, config.body_part_image_size)).numpy()
     out: dict = {}
     for s, k in zip(crops, bp.argmax(1)):
         called = out.setdefault("+".join(s.body_parts), {})
@@ -342,7 +352,7 @@ def evaluate(settings: EvalSettings) -> dict:
     carried = carried_gate(settings.loso_from, loaded) if settings.loso_from else None
     splits = load_splits(settings.data_root)
     test = splits["test"]
-    bp, ab = score_images(loaded.model, config, load_images(test, config.input_size))
+    bp, ab = score_images(loaded.model, config, *model_images(test, config))
     abnormality, curves = abnormality_report(config, test, ab.numpy(), config.thresholds, settings.n_boot)
     report = {
         "weights": loaded.source,

@@ -42,6 +42,7 @@ from .augment import augment, mixing_feature_styles, randomize_style
 from .data import (
     Sample,
     abnormality_rows,
+    body_part_images,
     body_part_targets,
     crop_siblings,
     elbow_fold_splits,
@@ -666,7 +667,7 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
     choice.
     """
     (body_net, body_cfg), (abnormal_net, abnormal_cfg) = load_folder(body_part_folder), load_folder(abnormality_folder)
-    shared = ("architecture", "input_size", "mean", "std", "body_parts")
+    shared = ("architecture", "mean", "std", "body_parts")
     if body_cfg.separate_body_part_network or abnormal_cfg.separate_body_part_network:
         raise ValueError("pair two single networks, not a pair")
     if not abnormal_cfg.reads_abnormality:
@@ -677,7 +678,10 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
         raise ValueError(f"the two networks must agree on {', '.join(shared)}")
     if any(c.training.get("settings", {}).get("withhold") for c in (body_cfg, abnormal_cfg)):
         raise ValueError("a network trained with a source withheld is a leave-one-source-out twin: not for serving")
+    # Each network reads the image letterboxed at the size it was trained at; the maps, the abnormality network's.
+    own_size = body_cfg.input_size if body_cfg.input_size != abnormal_cfg.input_size else None
     config = ModelConfig(**{k: getattr(body_cfg, k) for k in shared}, version=settings.version,
+                         input_size=abnormal_cfg.input_size, body_part_letterbox_size=own_size,
                          separate_body_part_network=True,
                          cam_layer=f"abnormality.{abnormal_cfg.cam_layer}")  # fmt: skip
     model = create_model(config)
@@ -707,11 +711,11 @@ def split_pair(folder: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     if not config.separate_body_part_network:
         raise ValueError(f"{folder} holds one network, not a pair: use it as it is")
     out = []
-    for role in ("body_part", "abnormality"):
+    for role, size in (("body_part", config.body_part_image_size), ("abnormality", config.input_size)):
         record = config.training["paired"][role]
         training = record["training"] | {"split_from": {"folder": str(folder), "version": config.version}}
         alone = {"separate_body_part_network": False, "cam_layer": "backbone.bn2", "version": record["version"],
-                 "training": training, **UNMEASURED}  # fmt: skip
+                 "input_size": size, "body_part_letterbox_size": None, "training": training, **UNMEASURED}  # fmt: skip
         out.append(Path(out_dir) / role)
         save_weights(getattr(model, role), ModelConfig.from_dict(config.to_dict() | alone), out[-1], int8=True)
     return out[0], out[1]
@@ -750,16 +754,18 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
     *other* logit, and per-part thresholds; export."""
     config = model.config
     load_model_tensors(model, load_file(best_path))
+    own_images = body_part_images(holdout, config)
     scores = {}
     for flip in (False, True):
         config.test_time_flip = flip
-        probs = score_images(model, config, holdout_images)
+        probs = score_images(model, config, holdout_images, own_images)
         scores[flip] = (holdout_report(config, holdout, *probs, settings.body_part_only)["score"], probs)
     config.test_time_flip = scores[True][0] > scores[False][0]
     bp_prob, ab_prob = scores[config.test_time_flip][1]
     body_part = {}
     if not settings.abnormality_only:  # its body-part head never learnt: no view to choose
-        body_part = choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, settings.view_choice)
+        letterboxed = holdout_images if own_images is None else own_images
+        body_part = choose_body_part_view(model, holdout, letterboxed, bp_prob, ab_prob, settings.view_choice)
         chosen_prob = body_part.pop("bp_prob")
         if settings.other_shift:
             served, body_part["training"]["other_shift"] = shift_other_logit(
@@ -803,12 +809,12 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
 
 
 def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, view_choice: str) -> dict:
-    """On the holdout, choose the body part's input size and whether its equalised view joins in (set on
-    ``model.config``, by :func:`body_part_merit`); return the chosen view's holdout probabilities and figures and
-    what each choice scored."""
+    """On the holdout (``holdout_images`` letterboxed for the body part), choose the body part's input size and whether
+    its equalised view joins in (set on ``model.config``, by :func:`body_part_merit`); return the chosen view's holdout
+    probabilities and figures and what each choice scored."""
     config = model.config
-    bp_probs = {config.input_size: bp_prob}
-    for size in (s for s in BODY_PART_SIZES if s < config.input_size):
+    bp_probs = {config.body_part_image_size: bp_prob}
+    for size in (s for s in BODY_PART_SIZES if s < config.body_part_image_size):
         config.body_part_input_size = size
         bp_probs[size] = score_body_parts(model, config, holdout_images)
     reports = {size: holdout_report(config, holdout, p, ab_prob) for size, p in bp_probs.items()}
