@@ -261,6 +261,9 @@ def test_a_pair_reads_each_head_from_its_own_network(mini_data, tmp_path):
     twin = doctored_weights(tmp_path / "twin", "elbow", {"training": {"settings": {"withhold": "mura:elbow"}}}, body)
     with pytest.raises(ValueError, match="leave-one-source-out twin"):
         pair_networks(str(twin), str(abnormal), settings)
+    fold = doctored_weights(tmp_path / "fold", "elbow", {"training": {"settings": {"elbow_fold": 2}}}, body)
+    with pytest.raises(ValueError, match="elbow fold is read out of fold"):
+        pair_networks(str(elbow), str(fold), settings)
     other_mean = doctored_weights(tmp_path / "mean", "elbow", {"mean": (0.4, 0.4, 0.4)}, body)
     with pytest.raises(ValueError, match="must agree on architecture, mean"):
         pair_networks(str(other_mean), str(abnormal), settings)

@@ -678,6 +678,9 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
         raise ValueError(f"the two networks must agree on {', '.join(shared)}")
     if any(c.training.get("settings", {}).get("withhold") for c in (body_cfg, abnormal_cfg)):
         raise ValueError("a network trained with a source withheld is a leave-one-source-out twin: not for serving")
+    if any(c.training.get("settings", {}).get("elbow_fold") for c in (body_cfg, abnormal_cfg)):
+        # its fold's elbows are all it has not seen, and a pair is finalized on the usual holdout's
+        raise ValueError("a network trained for an elbow fold is read out of fold (benchmarks.elbow_folds), not paired")
     # Each network reads the image letterboxed at the size it was trained at; the maps, the abnormality network's.
     own_size = body_cfg.input_size if body_cfg.input_size != abnormal_cfg.input_size else None
     config = ModelConfig(**{k: getattr(body_cfg, k) for k in shared}, version=settings.version,
