@@ -104,8 +104,8 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
 
 def test_a_pair_reads_each_network_at_the_size_it_was_trained_at(predictor, images):
     """A pair whose abnormality network reads a larger letterbox than its body-part network: the body part is read
-    from the body-part network's own letterbox (so every figure measured for that reading holds),
-    never from the larger image; the abnormality and the maps come from the larger letterbox."""
+    from the body-part network's own letterbox (so every figure measured for that reading holds), never from the
+    larger image; the abnormality and the maps come from the larger letterbox."""
     config = predictor.config
     if not config.separate_body_part_network:
         pytest.skip("the bundled weights hold one network: a size per network is a pair's")

@@ -3,8 +3,8 @@
 The model's answer for an image is more than one forward pass when its config asks for it:
 with ``config.test_time_flip`` the logits are the mean of the image's and its mirror image's
 (a left and a right arm are the same question to the model), and with a
-``config.body_part_input_size`` below the input size the body-part logits come from the image
-resized to that size (the holdout showed the part is told better from a coarser view). With
+``config.body_part_input_size`` below the size the body part's image is letterboxed at, the body-part logits come
+from that image resized (the holdout showed the part is told better from a coarser view). With
 ``config.body_part_equalized_view`` the body-part logits are the mean of that view's and of the same view
 histogram-equalised: equalising hides a source's grey levels, not the anatomy. A pair whose body-part network
 was trained at a size of its own reads the body part from the image letterboxed at that size

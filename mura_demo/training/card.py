@@ -441,13 +441,13 @@ def architecture_sentence(config: ModelConfig) -> str:
             f"aspect kept)\nwith two heads: a body-part head ({classes}) and one abnormality logit per MURA body part."
         )
     sizes = (
-        f"at {config.input_size} px"
+        f" at {config.input_size} px"
         if config.body_part_image_size == config.input_size
-        else f"(the body-part network at {config.body_part_image_size} px, the abnormality network and its maps at "
-        f"{config.input_size} px: each the size it was trained at)"
+        else f", the body-part network at {config.body_part_image_size} px and the abnormality network and its maps "
+        f"at {config.input_size} px, each the size it was trained at"
     )
     return (
-        f"Two `{config.architecture}` networks (ImageNet initialisation, each trained on its own) {sizes} "
+        f"Two `{config.architecture}` networks (ImageNet initialisation, each trained on its own){sizes} "
         "(letterboxed, aspect kept),\none per question: the **body-part network** reads the "
         f"body part ({classes}), the **abnormality network** one abnormality logit per MURA body part; neither "
         "reads the other's head. The two are stored as int8 (wide conv and linear weights, one scale per output "
