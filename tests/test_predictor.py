@@ -15,6 +15,7 @@ from PIL import Image
 from mura_demo.core.checks import ImageInputError, RequestError
 from mura_demo.core.imaging import load_image
 from mura_demo.core.inference import model_logits, score_body_parts, score_images
+from mura_demo.core.model import BodyPartPair
 from mura_demo.core.preprocess import equalized_view, letterbox, to_model_input
 from mura_demo.core.weights import load_model
 from mura_demo.serving.predictor import MAX_VIEWS, Predictor
@@ -41,6 +42,15 @@ def predictor_with(predictor, **config_changes) -> Predictor:
     return Predictor(loaded)
 
 
+def full_row(model, x: torch.Tensor) -> torch.Tensor:
+    """The model's output row with every column read from ``x`` by one plain pass (a pair's own forward pass leaves
+    the body-part columns to its body-part network)."""
+    row = model(x)
+    if isinstance(model, BodyPartPair):
+        row = torch.cat([model.body_part_logits(x), model.config.split_logits(row)[1]], 1)
+    return row
+
+
 def answer_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
     """The model's answer for ``x`` as its config asks (mirror, body-part view), without gradients."""
     with torch.no_grad():
@@ -52,8 +62,8 @@ def test_flip_averages_logits_of_image_and_mirror(predictor, images):
     flipping = predictor_with(plain, test_time_flip=True)
     x, _ = to_model_input(load_image(images["a"]), predictor.config)
     with torch.no_grad():
-        expected = (predictor.model(x) + predictor.model(x.flip(-1))) / 2
-        assert torch.allclose(answer_logits(plain, x), predictor.model(x), atol=1e-5)
+        expected = (full_row(predictor.model, x) + full_row(predictor.model, x.flip(-1))) / 2
+        assert torch.allclose(answer_logits(plain, x), full_row(predictor.model, x), atol=1e-5)
     assert torch.allclose(answer_logits(flipping, x), expected, atol=1e-5)
     without = plain.predict(images["a"], "humerus").abnormality_probability
     flipped = flipping.predict(images["a"], "humerus").abnormality_probability
@@ -72,7 +82,7 @@ def test_body_part_is_read_from_the_coarser_view(predictor, images):
     split = predictor.config.split_logits
     answer, at_full_size = answer_logits(coarse, x), answer_logits(full, x)
     with torch.no_grad():
-        small_logits = (predictor.model(small) + predictor.model(small.flip(-1))) / 2
+        small_logits = (full_row(predictor.model, small) + full_row(predictor.model, small.flip(-1))) / 2
     assert torch.allclose(split(answer)[0], split(small_logits)[0], atol=1e-5)
     assert torch.allclose(split(answer)[1], split(at_full_size)[1], atol=1e-5)
     assert not torch.allclose(split(answer)[0], split(at_full_size)[0], atol=1e-3)
@@ -93,7 +103,7 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
     view = equalized_view(x, predictor.config)
     assert torch.equal(view, equalized_view(x**3 * 0.5 + 0.2, predictor.config))
     with torch.no_grad():
-        expected = (split(predictor.model(x))[0] + split(predictor.model(view))[0]) / 2
+        expected = (split(full_row(predictor.model, x))[0] + split(full_row(predictor.model, view))[0]) / 2
     answer, before = answer_logits(viewing, x), answer_logits(plain, x)
     assert torch.allclose(split(answer)[0], expected, atol=1e-5)
     assert torch.allclose(split(answer)[1], split(before)[1], atol=1e-5)
@@ -136,7 +146,8 @@ def test_a_pair_reads_each_network_at_the_size_it_was_trained_at(predictor, imag
                                                              (True, 160, False), (True, 160, True)])  # fmt: skip
 def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, images, flip, coarse_size, equalized):
     """Finalize and the probes score the body part alone: the same probabilities as the full answer's, without the
-    passes only the abnormality reads (the full-size image and its mirror when the part has its own view)."""
+    passes only the abnormality reads (a single network's full-size image and mirror when the part has a coarser
+    view; a pair's body-part network runs only its view's passes either way)."""
     reading = predictor_with(predictor, test_time_flip=flip, body_part_input_size=coarse_size,
                              body_part_equalized_view=equalized)  # fmt: skip
     size = reading.config.input_size
@@ -154,8 +165,10 @@ def test_body_parts_alone_match_the_full_answer_from_fewer_passes(predictor, ima
         reading.model.eval()
     assert torch.allclose(alone, full, atol=1e-5)
     assert images_through(seen, "body_part", size) == (0 if coarse_size else len(batch) * (1 + flip) * (1 + equalized))
-    assert images_through(seen, "body_part") == full_images - (len(batch) * (1 + flip) if coarse_size else 0)
-    if reading.config.separate_body_part_network:
+    pair = reading.config.separate_body_part_network
+    plain_passes = len(batch) * (1 + flip) if coarse_size and not pair else 0  # the full answer's own, unread
+    assert images_through(seen, "body_part") == full_images - plain_passes
+    if pair:
         assert images_through(seen, "abnormality") == 0  # the abnormality network does not run at all
 
 
@@ -174,15 +187,19 @@ def test_maps_alone_run_only_the_passes_they_need(forearm_predictor, images, coa
         assert alone.maps.keys() == full.maps.keys() == {"gradcam", "saliency"} and alone.box == full.box
         for method, cam in full.maps.items():
             np.testing.assert_allclose(alone.maps[method], cam, atol=1e-5)
-        # images through the network: the shared pass, plus what routing "auto" reads the part from (the
-        # mirror image or the coarse view and its mirror; the equalised view and its mirror when asked for)
         views = 2 if equalized else 0
+        if flipping.config.separate_body_part_network:
+            # a pair: the abnormality network runs the shared pass alone; the body-part network only what routing
+            # "auto" reads the part from (its view and mirror in one batch; the equalised view's two when asked for)
+            assert images_through(seen, "body_part") == (2 + views if part == "auto" else 0)
+            assert images_through(seen, "abnormality") == 1
+            # one view: the body part's passes without gradients, the same for a given part
+            assert full_passes == 2 + views
+            continue
+        # one network: the shared pass, plus what routing "auto" reads the part from (the mirror image or the
+        # coarse view and its mirror; the equalised view and its mirror when asked for)
         routing = 0 if part != "auto" else (2 if coarse_size else 1) + views
-        assert images_through(seen, "body_part") == 1 + routing
-        # of which the abnormality network runs the shared pass, and the mirror where routing reads it
-        mirror = part == "auto" and not coarse_size
-        assert images_through(seen, "abnormality") == (1 + mirror if flipping.config.separate_body_part_network
-                                                       else 1 + routing)  # fmt: skip
+        assert images_through(seen, "body_part") == images_through(seen, "abnormality") == 1 + routing
         # one view: the mirror (and both at the coarse size, and the equalised view's two) without gradients,
         # then the shared pass, whose forward is also the image's own pass of the answer
         assert full_passes == 1 + (2 if coarse_size else 0) + views + 1

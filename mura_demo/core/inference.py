@@ -78,20 +78,21 @@ def answer_from(
     body part's own letterbox, for a pair that reads it (see :func:`body_part_view`).
     """
     view = body_part_view(config, x, letterboxed) if body_part else x
-    coarse_view = view is not x
+    # a pair's body part always comes from its body-part network's own pass (its forward pass leaves it out)
+    own_pass = body_part and (view is not x or config.separate_body_part_network)
     with torch.no_grad():
-        mirror = config.test_time_flip and (abnormality or (body_part and not coarse_view))
+        mirror = config.test_time_flip and (abnormality or (body_part and not own_pass))
         mirrored = model(x.flip(-1)) if mirror else None
-        coarse = body_part_logits(model, config, view) if coarse_view else None
+        own = body_part_logits(model, config, view) if own_pass else None
         equalized = None
-        if body_part and not coarse_view and config.body_part_equalized_view:
+        if body_part and not own_pass and config.body_part_equalized_view:
             equalized = equalized_body_part_logits(model, config, x)
 
     def answer(logits: torch.Tensor) -> torch.Tensor:
         if mirrored is not None:
             logits = (logits + mirrored) / 2
-        if coarse is not None:
-            logits = torch.cat([coarse, config.split_logits(logits)[1]], 1)
+        if own is not None:
+            logits = torch.cat([own, config.split_logits(logits)[1]], 1)
         if equalized is not None:
             body, abnormal = config.split_logits(logits)
             logits = torch.cat([(body + equalized) / 2, abnormal], 1)

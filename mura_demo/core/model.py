@@ -51,8 +51,8 @@ class BodyPartPair(nn.Module):
     lever that read more unseen-source elbows cost the forearm reading); two let each be chosen on its own.
 
     A pair joins trained networks and is never trained itself, and the maps explain the abnormality logit:
-    so the body-part network always runs without autograd (recording its graph in the maps' pass cost about
-    30 ms a view on 2 cores)."""
+    so the body-part network always runs without autograd, in a pass of its own (recording its graph in the maps'
+    pass cost about 30 ms a view on 2 cores)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -69,13 +69,12 @@ class BodyPartPair(nn.Module):
         return self.abnormality.abnormality_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The pair's output row for the model input ``x``. Where the body-part network reads a letterbox of its own
-        size, its columns come from that letterbox's pass (:func:`.inference.answer_from`), not from ``x``: here
-        they are NaN, never a reading of the wrong image."""
+        """The pair's output row for the model input ``x``: the abnormality network's logits. The body-part columns
+        come from the body-part network's own pass over its view and the view's mirror image in one batch
+        (:func:`.inference.answer_from`; the view is the body part's own letterbox where its network reads another
+        size), so this pass, which the maps need with gradients, never runs it: they are NaN here, never read."""
         abnormal = self.config.split_logits(self.abnormality(x))[1]
-        if self.config.body_part_image_size != self.config.input_size:
-            return torch.cat([abnormal.new_full((len(x), len(self.config.body_part_classes)), torch.nan), abnormal], 1)
-        return torch.cat([self.body_part_logits(x), abnormal], dim=1)
+        return torch.cat([abnormal.new_full((len(x), len(self.config.body_part_classes)), torch.nan), abnormal], 1)
 
     @torch.no_grad()
     def body_part_logits(self, x: torch.Tensor) -> torch.Tensor:
