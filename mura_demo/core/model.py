@@ -2,8 +2,9 @@
 
 One forward pass answers everything: the output row holds the body-part logits (the MURA
 parts plus 'other') followed by the abnormality logits, so an explanation targets a single
-output column, the abnormality logit of the routed part. A :class:`BodyPartPair` gives the same
-row from two such networks, the body-part logits from one and the abnormality logits from the other.
+output column, the abnormality logit of the routed part. A :class:`BodyPartPair` answers with the same
+row layout from two such networks: the abnormality logits from one in its forward pass, the body-part logits from
+the other in a pass of its own (see :func:`.inference.answer_from`).
 """
 
 from __future__ import annotations
