@@ -62,6 +62,11 @@ class ModelConfig:
         return self.body_part_letterbox_size or self.input_size
 
     @property
+    def own_body_part_letterbox(self) -> bool:
+        """Whether the body part is read from a letterbox of its own, passed beside the model input."""
+        return self.body_part_image_size != self.input_size
+
+    @property
     def body_part_classes(self) -> tuple[str, ...]:
         """Classes of the body-part head: the upper-extremity parts plus 'other'."""
         return (*self.body_parts, OTHER)

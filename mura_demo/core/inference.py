@@ -50,7 +50,7 @@ def body_part_view(config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tens
     """The view the body part is read from: the image letterboxed for the body part (the model input ``x``, or
     ``letterboxed`` where a pair's body-part network reads a size of its own), resized to the config's
     ``body_part_input_size`` when that is smaller (the letterbox itself when it is that size)."""
-    if config.body_part_image_size != config.input_size:
+    if config.own_body_part_letterbox:
         x = letterboxed
     if x is None or x.shape[-1] != config.body_part_image_size:
         raise ValueError(f"the body part is read from the image letterboxed at {config.body_part_image_size} px")

@@ -75,6 +75,6 @@ def to_model_input(image: Image.Image, config: ModelConfig) -> tuple[torch.Tenso
 def body_part_input(image: Image.Image, config: ModelConfig) -> torch.Tensor | None:
     """The image letterboxed for the body part where a pair's body-part network reads a size of its own
     (None: the body part is read from the model input)."""
-    if config.body_part_image_size == config.input_size:
+    if not config.own_body_part_letterbox:
         return None
     return letterboxed_input(image, config, config.body_part_image_size)[0]

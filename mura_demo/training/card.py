@@ -442,7 +442,7 @@ def architecture_sentence(config: ModelConfig) -> str:
         )
     sizes = (
         f" at {config.input_size} px"
-        if config.body_part_image_size == config.input_size
+        if not config.own_body_part_letterbox
         else f", the body-part network at {config.body_part_image_size} px and the abnormality network and its maps "
         f"at {config.input_size} px, each the size it was trained at"
     )

@@ -266,8 +266,7 @@ def load_images(samples: list[Sample], size: int) -> torch.Tensor:
 def body_part_images(samples: list[Sample], config: ModelConfig) -> torch.Tensor | None:
     """``samples`` letterboxed for the body part where a pair's body-part network reads a size of its own (None:
     the body part is read from the model inputs)."""
-    size = config.body_part_image_size
-    return None if size == config.input_size else load_images(samples, size)
+    return load_images(samples, config.body_part_image_size) if config.own_body_part_letterbox else None
 
 
 def model_images(samples: list[Sample], config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
