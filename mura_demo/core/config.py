@@ -33,6 +33,9 @@ class ModelConfig:
     # at that size (None: from the model input), so that it reads exactly as it did alone.
     body_part_letterbox_size: int | None = None
     body_part_equalized_view: bool = False  # body-part logits: the mean of the image's and its equalised view's
+    # The body part read from the equalised view alone: its network was trained on equalised images only
+    # (`train --equalized-inputs`), so no grey-level style reaches it in training or serving.
+    body_part_equalized_input: bool = False
     # The body part read by a network of its own (a BodyPartPair: one network per head), so that choosing a
     # body-part network never costs the abnormality reading, and the reverse.
     separate_body_part_network: bool = False
@@ -135,6 +138,8 @@ class ModelConfig:
                 raise ValueError(f"config.json: threshold for {part} must lie in (0, 1), got {t}")
         if not 0.0 <= self.body_part_min_probability < 1.0:
             raise ValueError("config.json: body_part_min_probability must lie in [0, 1)")
+        if self.body_part_equalized_input and self.body_part_equalized_view:
+            raise ValueError("config.json: a body part read from equalised images alone has no plain view to average")
         if self.separate_body_part_network and not self.cam_layer.startswith("abnormality."):
             raise ValueError("config.json: a model with a separate body-part network explains its abnormality network")
 

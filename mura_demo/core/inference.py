@@ -6,9 +6,10 @@ with ``config.test_time_flip`` the logits are the mean of the image's and its mi
 ``config.body_part_input_size`` below the size the body part's image is letterboxed at, the body-part logits come
 from that image resized (the holdout showed the part is told better from a coarser view). With
 ``config.body_part_equalized_view`` the body-part logits are the mean of that view's and of the same view
-histogram-equalised: equalising hides a source's grey levels, not the anatomy. A pair whose body-part network
-was trained at a size of its own reads the body part from the image letterboxed at that size
-(``config.body_part_letterbox_size``), passed beside the model input, so that it reads exactly as it did alone.
+histogram-equalised: equalising hides a source's grey levels, not the anatomy; with
+``config.body_part_equalized_input`` (a network trained on equalised images) the equalised view alone. A pair
+whose body-part network was trained at a size of its own reads the body part from the image letterboxed at that
+size (``config.body_part_letterbox_size``), passed beside the model input, so that it reads exactly as it did alone.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def equalized_body_part_logits(model: torch.nn.Module, config: ModelConfig, view
 
 def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Tensor) -> torch.Tensor:
     """Body-part logits read from ``view`` alone: its flip mean, averaged with its equalised copy's when the
-    config asks for that view. Only the body-part columns are computed (with a separate body-part network,
-    only that network runs)."""
+    config asks for that view, or its equalised copy's alone for a network trained on equalised images. Only the
+    body-part columns are computed (with a separate body-part network, only that network runs)."""
+    if config.body_part_equalized_input:
+        return equalized_body_part_logits(model, config, view)
     logits = flip_mean(model.body_part_logits, config, view)
     if config.body_part_equalized_view:
         logits = (logits + equalized_body_part_logits(model, config, view)) / 2
@@ -78,8 +81,9 @@ def answer_from(
     body part's own letterbox, for a pair that reads it (see :func:`body_part_view`).
     """
     view = body_part_view(config, x, letterboxed) if body_part else x
-    # a pair's body part always comes from its body-part network's own pass (its forward pass leaves it out)
-    own_pass = body_part and (view is not x or config.separate_body_part_network)
+    # a pair's body part always comes from its body-part network's own pass (its forward pass leaves it out), and
+    # so does one read from equalised images alone
+    own_pass = body_part and (view is not x or config.separate_body_part_network or config.body_part_equalized_input)
     with torch.no_grad():
         mirror = config.test_time_flip and (abnormality or (body_part and not own_pass))
         mirrored = model(x.flip(-1)) if mirror else None

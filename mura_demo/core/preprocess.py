@@ -49,10 +49,14 @@ def normalize(batch: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
-    """Histogram equalisation: each pixel becomes its rank among the image's pixels, in [0, 1]. Any
-    monotonic change of grey levels (gamma, contrast, a film's base) gives the same image."""
-    flat = x.flatten(1)
-    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
+    """Histogram equalisation: each pixel becomes the share of the image's pixels at or below its grey level,
+    the darkest level 0 and the brightest 1 (as OpenCV's ``equalizeHist``). Pixels of one level stay one level, so
+    the black letterbox stays black; any strictly monotonic change of grey levels (gamma, contrast, a film's base)
+    gives the same image."""
+    flat = x.flatten(1).contiguous()
+    at_or_below = torch.searchsorted(flat.sort(1).values, flat, right=True).float()
+    darkest = at_or_below.min(1, keepdim=True).values
+    return ((at_or_below - darkest) / (flat.shape[1] - darkest).clamp_min(1)).view_as(x)
 
 
 def equalized_view(x: torch.Tensor, config: ModelConfig) -> torch.Tensor:

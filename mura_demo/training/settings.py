@@ -53,6 +53,9 @@ class TrainSettings:
     split_views: bool = False  # UNIFESP films holding several views side by side also train as each view alone
     mix_styles: float = 0.0  # MixStyle: share of images whose early feature statistics are mixed (0: off)
     body_part_only: bool = False  # no abnormality loss, epochs chosen by body part: a network for `pair --body-part`
+    # with body_part_only: every training image histogram-equalised after augmentation, and the body part read from
+    # the equalised view alone (config.body_part_equalized_input): a canonical look instead of randomised ones
+    equalized_inputs: bool = False
     abnormality_only: bool = False  # no body-part loss, trained on labelled images only: for `pair --abnormality`
     view_choice: str = "groups"  # the body part's size and view on the holdout: "groups" or "images" (see train)
     other_shift: bool = False  # finalize: add to the *other* logit the shift the holdout chooses (other_shift.py)
@@ -67,6 +70,8 @@ class TrainSettings:
         """Refuse contradictory settings before a run makes anything."""
         if self.body_part_only and self.abnormality_only:
             raise ValueError("--body-part-only and --abnormality-only exclude each other")
+        if self.equalized_inputs and not self.body_part_only:
+            raise ValueError("--equalized-inputs hides grey levels from the body part: it needs --body-part-only")
         if self.abnormality_only and self.crop_share:
             raise ValueError("--crop-share adds end crops without an abnormality label: --abnormality-only skips them")
         if self.elbow_fold is not None and self.withhold == "mura:elbow":
@@ -78,9 +83,9 @@ class TrainSettings:
         parse_part_weights(self.part_weights)
         if self.view_choice not in VIEW_CHOICES:
             raise ValueError(f"--view-choice: {self.view_choice!r} is not one of {', '.join(VIEW_CHOICES)}")
-        if self.cached_maps and (self.style or self.mix_styles):
+        if self.cached_maps and (self.style or self.mix_styles or self.equalized_inputs):
             raise ValueError("--cached-maps trains on maps made once from the unaltered images (and their mirrors): "
-                             "--style and --mix-styles need the images of every step")  # fmt: skip
+                             "--style, --mix-styles and --equalized-inputs need the images of every step")  # fmt: skip
         if not 0 <= self.mix_styles <= 1:
             raise ValueError("--mix-styles is the share of images whose feature statistics are mixed: from 0 to 1")
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..core.config import OTHER, ModelConfig
 from ..core.inference import score_body_parts, score_images
 from ..core.model import MuraNet, create_model
-from ..core.preprocess import normalize
+from ..core.preprocess import equalize, normalize
 from ..core.weights import load_folder, round_as_stored, save_weights
 from .augment import augment, mixing_feature_styles, randomize_style
 from .data import (
@@ -473,7 +473,8 @@ def train(settings: TrainSettings) -> MuraNet:
     torch.manual_seed(settings.seed)
     if settings.imagenet_init is None and settings.init_from is None:
         raise ValueError("no ImageNet initialisation given (--imagenet-init): refusing to train from scratch")
-    config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version)
+    config = ModelConfig(architecture=settings.architecture, input_size=settings.input_size, version=settings.version,
+                         body_part_equalized_input=settings.equalized_inputs)  # fmt: skip
     model = create_model(config, imagenet_init=settings.imagenet_init)
     started_from = start_from_run(model, settings) if settings.init_from else None
     out = Path(settings.out_dir)
@@ -551,6 +552,8 @@ def train(settings: TrainSettings) -> MuraNet:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 if maps is None:
                     x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
+                    if config.body_part_equalized_input:
+                        x = equalize(x)
                     with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
                         logits = net(normalize(x, config).to(dist.device))
                 else:  # the image or its mirror, drawn per image
@@ -639,15 +642,15 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     folds = {c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}
     if any(c.separate_body_part_network for _, c in loaded):
         raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
-    if len(withheld) > 1 or any((c.architecture, c.input_size) != (first.architecture, first.input_size)
-                                for _, c in loaded):  # fmt: skip
-        raise ValueError("only runs of one architecture, input size and withheld part can be averaged")
+    reading = ("architecture", "input_size", "body_part_equalized_input")
+    if len(withheld) > 1 or any(getattr(c, k) != getattr(first, k) for _, c in loaded for k in reading):
+        raise ValueError("only runs of one architecture, input size, withheld part and input look can be averaged")
     if len(folds) > 1:  # a run of another fold trained on this fold's elbows: the average could not read them fresh
         raise ValueError(f"only runs of one elbow fold can be averaged (these have {sorted(folds, key=str)})")
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
     settings = dataclasses.replace(base, **{name: getattr(settings, name) for name in JOINING_SETTINGS})
-    config = ModelConfig(architecture=first.architecture, input_size=first.input_size, version=settings.version)
+    config = ModelConfig(**{k: getattr(first, k) for k in reading}, version=settings.version)
     model = create_model(config)
     model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
     runs = [
@@ -685,6 +688,7 @@ def pair_networks(body_part_folder: str, abnormality_folder: str, settings: Trai
     own_size = body_cfg.input_size if body_cfg.input_size != abnormal_cfg.input_size else None
     config = ModelConfig(**{k: getattr(body_cfg, k) for k in shared}, version=settings.version,
                          input_size=abnormal_cfg.input_size, body_part_letterbox_size=own_size,
+                         body_part_equalized_input=body_cfg.body_part_equalized_input,
                          separate_body_part_network=True,
                          cam_layer=f"abnormality.{abnormal_cfg.cam_layer}")  # fmt: skip
     model = create_model(config)
