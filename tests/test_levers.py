@@ -68,6 +68,24 @@ def test_histogram_matching_and_equalisation():
     assert torch.allclose(equalize(x).flatten(), torch.linspace(0, 1, 100), atol=1e-6)
 
 
+def test_equalisation_keeps_one_grey_level_one_level_and_the_letterbox_black():
+    """An 8-bit radiograph in its black letterbox: every pixel of a level gets one value (the share of pixels at or
+    below it), the letterbox stays 0, the brightest level is 1; a flat image stays flat."""
+    x = torch.zeros(2, 1, 64, 64)
+    x[:, :, 16:48, 8:56] = torch.randint(1, 256, (2, 1, 32, 48), generator=torch.Generator().manual_seed(0)) / 255
+    out = equalize(x)
+    for image, equalized in zip(x, out):
+        assert equalized.min() == 0 and equalized.max() == 1
+        assert (equalized[:, :16] == 0).all() and (equalized[:, :, :8] == 0).all()  # the letterbox
+        levels = {}
+        for level, value in zip(image.flatten().tolist(), equalized.flatten().tolist()):
+            assert levels.setdefault(level, value) == value
+        above_black = (image > 0).sum()
+        brightest_share = (image == image.max()).sum() / above_black
+        assert torch.isclose(1 - equalized[image < image.max()].max(), brightest_share, atol=1e-6)
+    assert torch.equal(equalize(torch.full((1, 1, 8, 8), 0.3)), torch.zeros(1, 1, 8, 8))
+
+
 def test_end_crops_are_either_end_with_both_candidates():
     whole = [sample(["forearm"]), sample(["humerus"], abnormal=1), sample(["elbow"]), sample(["wrist"], "unifesp")]
     crops = end_crops(whole)

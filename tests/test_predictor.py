@@ -112,6 +112,26 @@ def test_the_equalized_view_joins_the_body_part_only_and_ignores_grey_levels(pre
     assert analysis.prediction.body_part_probabilities == predicted.body_part_probabilities
 
 
+def test_a_network_trained_on_equalized_images_reads_the_body_part_from_them_alone(predictor, images):
+    """With ``body_part_equalized_input`` the body part is read from the equalised view alone (and its mirror), so
+    no monotonic change of grey levels moves it; the abnormality is read from the image as before; the config
+    refuses to average that view with a plain one it never trained on."""
+    plain = predictor_with(predictor, test_time_flip=True, body_part_input_size=None, body_part_equalized_view=False)
+    reading = predictor_with(plain, body_part_equalized_input=True)
+    x, _ = to_model_input(load_image(images["a"]), predictor.config)
+    split, view = predictor.config.split_logits, equalized_view(x, predictor.config)
+    with torch.no_grad():
+        expected = (split(full_row(predictor.model, view))[0] + split(full_row(predictor.model, view.flip(-1)))[0]) / 2
+    answer = answer_logits(reading, x)
+    assert torch.allclose(split(answer)[0], expected, atol=1e-5)
+    assert torch.allclose(split(answer)[1], split(answer_logits(plain, x))[1], atol=1e-5)
+    assert torch.allclose(split(answer_logits(reading, x**3 * 0.5 + 0.2))[0], expected, atol=1e-5)
+    alone = score_body_parts(reading.model, reading.config, ((x[:, :1] + 1) * 127.5).round().to(torch.uint8))
+    assert torch.allclose(alone, split(answer)[0].softmax(1), atol=1e-5)
+    with pytest.raises(ValueError, match="no plain view to average"):
+        dataclasses.replace(predictor.config, body_part_equalized_input=True, body_part_equalized_view=True).check()
+
+
 def test_a_pair_reads_each_network_at_the_size_it_was_trained_at(predictor, images):
     """A pair whose abnormality network reads a larger letterbox than its body-part network: the body part is read
     from the body-part network's own letterbox (so every figure measured for that reading holds), never from the

@@ -14,8 +14,9 @@ from conftest import DATA, ROOT, needs_data
 from safetensors.torch import load_file
 
 from mura_demo.core.config import ModelConfig
-from mura_demo.core.model import create_model
-from mura_demo.core.preprocess import normalize
+from mura_demo.core.inference import score_body_parts, score_images
+from mura_demo.core.model import MuraNet, create_model
+from mura_demo.core.preprocess import equalize, normalize
 from mura_demo.core.weights import WeightsError, load_folder, load_model
 from mura_demo.serving.predictor import Predictor
 from mura_demo.training.card import (
@@ -25,7 +26,7 @@ from mura_demo.training.card import (
     threshold_story,
     training_command,
 )
-from mura_demo.training.data import load_splits
+from mura_demo.training.data import load_images, load_splits
 from mura_demo.training.other_shift import OTHER_SHIFTS
 from mura_demo.training.train import (
     Losses,
@@ -193,6 +194,37 @@ def test_a_network_for_the_abnormality_alone_trains_on_labelled_images_only(tmp_
     with pytest.raises(ValueError, match="without an abnormality label"):
         smoke_settings(tmp_path / "crops", imagenet_init, abnormality_only=True, crop_share=0.2)
     assert not (tmp_path / "both").exists() and not (tmp_path / "crops").exists()
+
+
+def test_a_body_part_network_trained_on_equalized_images_sees_and_reads_only_them(tmp_path, imagenet_init):
+    """Under --equalized-inputs every training step's images are histogram-equalised after augmentation and style
+    randomisation, and the exported network reads the body part from the equalised view alone, in scoring and in
+    serving alike (no plain view left to choose); it is a body-part network only."""
+    seen = []
+
+    def record(module, args):
+        if isinstance(module, MuraNet) and module.training:
+            seen.append(args[0][:, :1].detach() * 0.5 + 0.5)  # the config's mean and std are 0.5
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        train(smoke_settings(tmp_path, imagenet_init, body_part_only=True, equalized_inputs=True, style=1.0))
+    finally:
+        hook.remove()
+    assert len(seen) == 4  # two steps of the heads and of the fine-tuning phase
+    for batch in seen:
+        assert torch.allclose(equalize(batch), batch, atol=1e-5) and (batch.amin((1, 2, 3)) == 0).all()
+    loaded = load_model(str(tmp_path / "weights"), body_part_alone=True)
+    assert loaded.config.body_part_equalized_input and not loaded.config.body_part_equalized_view
+    assert "holdout_body_part_accuracy_with_equalized_view" not in loaded.config.training
+    assert "trained on histogram-equalised images only" in inference_story(loaded.config)
+    holdout = load_images(load_splits(str(DATA))["holdout"][:12], loaded.config.input_size)
+    body_part, _ = score_images(loaded.model, loaded.config, holdout)
+    assert torch.allclose(body_part, score_body_parts(loaded.model, loaded.config, holdout), atol=1e-5)
+    brighter = (holdout.float() / 255) ** 0.7  # a monotonic change of grey levels: the same reading
+    assert torch.allclose(score_body_parts(loaded.model, loaded.config, brighter), body_part, atol=1e-4)
+    with pytest.raises(ValueError, match="needs --body-part-only"):
+        smoke_settings(tmp_path / "both", imagenet_init, equalized_inputs=True)
 
 
 def test_cached_maps_are_the_frozen_blocks_output_and_train_only_what_follows(tmp_path, imagenet_init, capsys):

@@ -261,6 +261,9 @@ def body_part_gate(settings: EvalSettings, splits: dict, config: ModelConfig, te
     loso = load_model(settings.loso_weights, body_part_alone=True)
     if config.separate_body_part_network:
         round_as_stored(loso.model, int8=True)
+    if loso.config.body_part_equalized_input != config.body_part_equalized_input:
+        raise ValueError(f"{settings.loso_weights} and the weights evaluated were not both trained on equalised images "
+                         "(train --equalized-inputs): the withheld run would stand in for another network")  # fmt: skip
     reading = dataclasses.replace(loso.config, body_part_equalized_view=config.body_part_equalized_view)
     spec = loso.config.training.get("settings", {}).get("withhold")
     if not spec:
@@ -300,7 +303,7 @@ def correct_clearing(config: ModelConfig, test: list[Sample], test_bp: np.ndarra
 
 # What the body part's reading depends on besides the body-part network's tensors.
 BODY_PART_READING = ("architecture", "body_part_image_size", "mean", "std", "body_parts", "test_time_flip",
-                     "body_part_input_size", "body_part_equalized_view")  # fmt: skip
+                     "body_part_input_size", "body_part_equalized_view", "body_part_equalized_input")  # fmt: skip
 
 
 def carried_gate(folder: str, loaded: LoadedModel) -> dict:

@@ -61,6 +61,7 @@ from .settings import JOINING_SETTINGS, TrainSettings
 
 BODY_PART_SIZES = (224, 192, 160)  # coarser views the holdout may choose to read the body part from
 MIX_STYLE_BLOCKS = (1, 2, 3)  # MixStyle after these backbone stages (strides 4, 8, 16), as after ResNet's first three
+METRIC_KEYS = ("body_part_accuracy", "body_part_by_group")  # the body part's holdout figures a config keeps
 
 
 class Distributed:
@@ -779,7 +780,7 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
                 model, holdout, chosen_prob, settings.view_choice
             )
             body_part["metrics"] = {k: v for k, v in body_part_summary(config, holdout, served).items()
-                                    if k in ("body_part_accuracy", "body_part_by_group")}  # fmt: skip
+                                    if k in METRIC_KEYS}  # fmt: skip
     # Every part's cut is 0.5, not one fitted here: the losses balance the classes, and fitted cuts held up worse
     # on unseen patients (benchmarks/threshold_rules.py, session 46). How a fitted cut would have fared against 0.5
     # on the holdout's patient halves is kept for the card.
@@ -817,8 +818,8 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
 
 def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, view_choice: str) -> dict:
     """On the holdout (``holdout_images`` letterboxed for the body part), choose the body part's input size and whether
-    its equalised view joins in (set on ``model.config``, by :func:`body_part_merit`); return the chosen view's holdout
-    probabilities and figures and what each choice scored."""
+    its equalised view joins in (set on ``model.config``, by :func:`body_part_merit`; not for a network that reads the
+    equalised view alone); return the chosen view's holdout probabilities and figures and what each choice scored."""
     config = model.config
     bp_probs = {config.body_part_image_size: bp_prob}
     for size in (s for s in BODY_PART_SIZES if s < config.body_part_image_size):
@@ -829,24 +830,23 @@ def choose_body_part_view(model, holdout, holdout_images, bp_prob, ab_prob, view
     config.body_part_input_size = max(merit, key=merit.get)  # ties keep the larger size
     chosen = reports[config.body_part_input_size]
     chosen_prob = bp_probs[config.body_part_input_size]
+    training = {
+        "holdout_body_part_accuracy_by_size": {size: r["body_part_accuracy"] for size, r in reports.items()},
+        "holdout_body_part_images_right_by_size": {size: r["body_part_images_right"] for size, r in reports.items()},
+    }
+    if config.body_part_equalized_input:  # it reads the equalised view alone already
+        return {"bp_prob": chosen_prob, "metrics": {k: chosen[k] for k in METRIC_KEYS}, "training": training}
     config.body_part_equalized_view = True
     equalized_prob = score_body_parts(model, config, holdout_images)
     equalized = holdout_report(config, holdout, equalized_prob, ab_prob)
     config.body_part_equalized_view = body_part_merit(equalized, view_choice) > body_part_merit(chosen, view_choice)
     if config.body_part_equalized_view:
         chosen, chosen_prob = equalized, equalized_prob
-    return {
-        "bp_prob": chosen_prob,
-        "metrics": {k: chosen[k] for k in ("body_part_accuracy", "body_part_by_group")},
-        "training": {
-            "holdout_body_part_accuracy_by_size": {size: r["body_part_accuracy"] for size, r in reports.items()},
-            "holdout_body_part_images_right_by_size": {
-                size: r["body_part_images_right"] for size, r in reports.items()
-            },
-            "holdout_body_part_accuracy_with_equalized_view": equalized["body_part_accuracy"],
-            "holdout_body_part_images_right_with_equalized_view": equalized["body_part_images_right"],
-        },
+    training |= {
+        "holdout_body_part_accuracy_with_equalized_view": equalized["body_part_accuracy"],
+        "holdout_body_part_images_right_with_equalized_view": equalized["body_part_images_right"],
     }
+    return {"bp_prob": chosen_prob, "metrics": {k: chosen[k] for k in METRIC_KEYS}, "training": training}
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
