@@ -49,6 +49,7 @@ from mura_demo.training.data import (
     is_withheld,
     load_images,
     load_splits,
+    model_images,
     single_views,
     withhold,
 )
@@ -68,11 +69,11 @@ def mixed_log_prior(config, settings: dict, train: list) -> torch.Tensor:
 def body_part_views(model, config, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Body-part probabilities from the plain view, the equalised view alone and the mean of their logits,
     each computed by the functions serving uses."""
-    plain_config = dataclasses.replace(config, body_part_equalized_view=False)
+    plain_config = dataclasses.replace(config, body_part_equalized_view=False, body_part_equalized_input=False)
     views: dict[str, list[torch.Tensor]] = {"plain": [], "equalized": [], "mean": []}
     with eval_mode(model):
         for x in batched(images, config, next(model.parameters()).device, batch_size):
-            view = body_part_view(config, x)
+            view = body_part_view(config, x, x)  # x is the body part's letterbox
             plain = body_part_logits(model, plain_config, view)
             eq = equalized_body_part_logits(model, config, view)
             for name, logits in (("plain", plain), ("equalized", eq), ("mean", (plain + eq) / 2)):
@@ -95,8 +96,9 @@ def main() -> None:
     spec = settings["withhold"]
     splits = load_splits(args.data_root)
     holdout = withhold(splits["holdout"], spec)
-    holdout_images = load_images(holdout, config.input_size)
-    bp, ab = score_images(model, config, holdout_images)
+    holdout_images, own_images = model_images(holdout, config)
+    bp, ab = score_images(model, config, holdout_images, own_images)
+    holdout_images = holdout_images if own_images is None else own_images  # the body part's letterboxes from here
     report = holdout_report(config, holdout, bp, ab)
     out = {
         "holdout_score": report["score"],
@@ -104,10 +106,10 @@ def main() -> None:
         "holdout_body_part_by_group": report["body_part_by_group"],
     }
     views = single_views(holdout)
-    views_bp = score_body_parts(model, config, load_images(views, config.input_size))
+    views_bp = score_body_parts(model, config, load_images(views, config.body_part_image_size))
     out["holdout_single_views_by_group"] = body_part_by_group(config, views, views_bp)
     withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, spec)]
-    withheld_images = load_images(withheld, config.input_size) if withheld else None
+    withheld_images = load_images(withheld, config.body_part_image_size) if withheld else None
     withheld_bp = score_body_parts(model, config, withheld_images) if withheld else None
     if withheld:
         out[f"withheld_{spec}_outside_its_test_share"] = withheld_report(config, withheld, withheld_bp.numpy())

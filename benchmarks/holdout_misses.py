@@ -27,7 +27,7 @@ from mura_demo.training.metrics import paired_worse_p
 def misses(folder: str, samples: list, images_at) -> dict[str, str]:
     """Each sample this folder's network names wrong: its path -> the part it was called."""
     model, config = load_folder(folder)
-    probs = score_body_parts(model, config, images_at(config.input_size))
+    probs = score_body_parts(model, config, images_at(config.body_part_image_size))
     called = [config.body_part_classes[k] for k in probs.argmax(1).tolist()]
     return {str(s.path): c for s, c, right in zip(samples, called, named_right(config, samples, probs)) if not right}
 

@@ -51,26 +51,26 @@ def main() -> None:
 
     holdout = load_splits(args.data_root)["holdout"]
     images_at = functools.cache(lambda size: load_images(holdout, size))
+
+    def read(model, config):  # the holdout letterboxed as the config reads it (a pair's body part at its own size)
+        own = images_at(config.body_part_image_size) if config.own_body_part_letterbox else None
+        return score_images(model, config, images_at(config.input_size), own)
+
     loaded = [load_folder(folder) for folder in args.folders]
     rows, outputs = {}, []
     for folder, (model, config) in zip(args.folders, loaded):
-        outputs.append(score_images(model, config, images_at(config.input_size)))
+        outputs.append(read(model, config))
         rows[folder] = figures(config, holdout, *outputs[-1])
         if args.scales:
             configs = [dataclasses.replace(config, input_size=s) for s in args.scales]
             scaled = mean_outputs(  # the folder's own size is already read
-                [
-                    outputs[-1]
-                    if c.input_size == config.input_size
-                    else score_images(model, c, images_at(c.input_size))
-                    for c in configs
-                ]
+                [outputs[-1] if c.input_size == config.input_size else read(model, c) for c in configs]
             )
             rows[f"{folder} at {'+'.join(map(str, args.scales))} px"] = figures(config, holdout, *scaled)
     if len(loaded) > 1:
         model, config = loaded[0]
         model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
-        rows["weight average"] = figures(config, holdout, *score_images(model, config, images_at(config.input_size)))
+        rows["weight average"] = figures(config, holdout, *read(model, config))
         rows["output mean"] = figures(config, holdout, *mean_outputs(outputs))
     for name, row in rows.items():
         print(f"{name}: {json.dumps(row)}")

@@ -67,7 +67,7 @@ def main() -> None:
     reference_right = named_right(
         reference_config,
         splits["holdout"],
-        score_body_parts(reference_model, reference_config, images_at(None, reference_config.input_size)),
+        score_body_parts(reference_model, reference_config, images_at(None, reference_config.body_part_image_size)),
     )
     out = {}
     for folder in args.folders:
@@ -77,7 +77,7 @@ def main() -> None:
         known = {k: v for k, v in config.training.get("settings", {}).items() if k in ("withhold", "view_choice")}
         settings = TrainSettings(**known)
         holdout = withhold(splits["holdout"], settings.withhold)
-        bp = score_body_parts(model, config, images_at(settings.withhold, config.input_size))
+        bp = score_body_parts(model, config, images_at(settings.withhold, config.body_part_image_size))
         choice = choose_other_shift(config, holdout, bp, settings.view_choice)
         served, shifted = (
             body_part_summary(config, holdout, bp),
@@ -98,7 +98,7 @@ def main() -> None:
         }
         if settings.withhold:
             withheld = [s for s in splits["train"] + splits["holdout"] if is_withheld(s, settings.withhold)]
-            w_bp = score_body_parts(model, config, load_images(withheld, config.input_size))
+            w_bp = score_body_parts(model, config, load_images(withheld, config.body_part_image_size))
             row[f"withheld_{settings.withhold}_outside_its_test_share"] = {
                 "served": withheld_report(config, withheld, w_bp.numpy())["accuracy"],
                 "shifted": withheld_report(config, withheld, shifted_other(w_bp, choice["shift"]).numpy())["accuracy"],

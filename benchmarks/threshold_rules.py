@@ -26,7 +26,7 @@ import numpy as np
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import load_images, load_splits, patients_of
+from mura_demo.training.data import load_splits, model_images, patients_of
 from mura_demo.training.metrics import THRESHOLD_RULES, cohen_kappa, held_out_kappas
 from mura_demo.training.train import part_study_scores
 
@@ -78,7 +78,7 @@ def main() -> None:
     pooled: dict[str, list[float]] = {}
     for folder in args.folders:
         model, config = load_folder(folder)
-        _, ab_prob = score_images(model, config, load_images(holdout, config.input_size))
+        _, ab_prob = score_images(model, config, *model_images(holdout, config))
         for part, (studies, y, p) in part_study_scores(config, holdout, ab_prob).items():
             if part not in args.parts:
                 continue
