@@ -645,7 +645,10 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
         raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
     reading = ("architecture", "input_size", "body_part_equalized_input")
     if len(withheld) > 1 or any(getattr(c, k) != getattr(first, k) for _, c in loaded for k in reading):
-        raise ValueError("only runs of one architecture, input size, withheld part and input look can be averaged")
+        raise ValueError(
+            "only runs of one architecture, input size and withheld part, all with or all without equalised inputs, "
+            "can be averaged"
+        )
     if len(folds) > 1:  # a run of another fold trained on this fold's elbows: the average could not read them fresh
         raise ValueError(f"only runs of one elbow fold can be averaged (these have {sorted(folds, key=str)})")
     known = {f.name for f in dataclasses.fields(TrainSettings)}
