@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ from mura_demo.training.other_shift import OTHER_SHIFTS
 from mura_demo.training.train import (
     Losses,
     TrainSettings,
+    average_runs,
     frozen_maps,
     logits_from_maps,
     subsample,
@@ -225,6 +227,13 @@ def test_a_body_part_network_trained_on_equalized_images_sees_and_reads_only_the
     assert torch.allclose(score_body_parts(loaded.model, loaded.config, brighter), body_part, atol=1e-4)
     with pytest.raises(ValueError, match="needs --body-part-only"):
         smoke_settings(tmp_path / "both", imagenet_init, equalized_inputs=True)
+    # its weights averaged with a network that reads plain images would be read by neither network's rule
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path / "weights", plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps(config | {"body_part_equalized_input": False}))
+    with pytest.raises(ValueError, match="all with or all without equalised inputs"):
+        average_runs([str(tmp_path / "weights"), str(plain)], smoke_settings(tmp_path / "average", imagenet_init))
 
 
 def test_cached_maps_are_the_frozen_blocks_output_and_train_only_what_follows(tmp_path, imagenet_init, capsys):
