@@ -233,16 +233,14 @@ def inference_story(config: ModelConfig) -> str:
             f"{s} px {n}" for s, n in right_by_size.items()
         )
     with_view = config.training.get("holdout_body_part_accuracy_with_equalized_view")
+    why = "equalising hides a source's grey levels, not the anatomy"
     if config.body_part_equalized_input:
         story += (
             ". The body-part network was trained on histogram-equalised images only and reads the body part from the "
-            "equalised view alone (equalising hides a source's grey levels, not the anatomy)"
+            f"equalised view alone ({why})"
         )
     if config.body_part_equalized_view:
-        story += (
-            ". The body-part logits are the mean of that view's and of the same view histogram-equalised (which "
-            "hides a source's grey levels, not the anatomy)"
-        )
+        story += f". The body-part logits are the mean of that view's and of the same view histogram-equalised ({why})"
     if with_view is not None:
         story += f"; holdout body-part accuracy with the equalised view {with_view:.3f}"
     return story + other_shift_story(config.training.get("other_shift"))
