@@ -153,6 +153,27 @@ def test_only_a_pair_s_body_part_network_has_a_size_of_its_own():
         ModelConfig.from_dict(pair_config(body_part_letterbox_size=48).to_dict() | {"body_part_input_size": 64})
 
 
+def test_the_body_part_gets_a_pass_of_its_own_only_where_its_reading_needs_one():
+    """The model input's own pass answers the body part unless the reading needs another image (a coarser view),
+    another network (a pair) or the equalised view alone; then the body part comes from a pass of its own."""
+    assert not ModelConfig(input_size=64).body_part_own_pass
+    assert not ModelConfig(input_size=64, body_part_input_size=64).body_part_own_pass
+    assert not ModelConfig(input_size=64, body_part_equalized_view=True).body_part_own_pass  # the input's, averaged
+    assert ModelConfig(input_size=64, body_part_input_size=48).body_part_own_pass
+    assert ModelConfig(input_size=64, body_part_equalized_input=True).body_part_own_pass
+    assert pair_config().body_part_own_pass
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    cases = (({}, False), ({"body_part_input_size": 48}, True), ({"body_part_equalized_input": True}, True))
+    for changes, own in cases:
+        config = ModelConfig(input_size=64, **changes)
+        model = create_model(config).eval()
+        with torch.no_grad():
+            body_part = config.split_logits(model_logits(model, config, x))[0]
+            from_input = config.split_logits(model(x))[0]
+        assert torch.equal(body_part, from_input) != own, changes
+
+
 @needs_weights
 def test_split_writes_each_network_of_a_pair_as_the_pair_stores_it(tmp_path):
     """`split`: the bundled pair's two networks as folders of their own, each tensor the pair's (int8 and scales

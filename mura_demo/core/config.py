@@ -70,6 +70,23 @@ class ModelConfig:
         return self.body_part_image_size != self.input_size
 
     @property
+    def body_part_resized(self) -> bool:
+        """Whether the body part is read from its letterbox resized to a coarser size (``body_part_input_size``)."""
+        return bool(self.body_part_input_size) and self.body_part_input_size != self.body_part_image_size
+
+    @property
+    def body_part_own_pass(self) -> bool:
+        """Whether the body part needs a forward pass of its own, not the model input's: it is read from another
+        image (its own letterbox, a coarser size), by a network of its own (a pair's forward pass leaves it out),
+        or from the equalised view alone."""
+        return (
+            self.own_body_part_letterbox
+            or self.body_part_resized
+            or self.separate_body_part_network
+            or self.body_part_equalized_input
+        )
+
+    @property
     def body_part_classes(self) -> tuple[str, ...]:
         """Classes of the body-part head: the upper-extremity parts plus 'other'."""
         return (*self.body_parts, OTHER)

@@ -57,9 +57,9 @@ def body_part_view(config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tens
         x = letterboxed
     if x is None or x.shape[-1] != config.body_part_image_size:
         raise ValueError(f"the body part is read from the image letterboxed at {config.body_part_image_size} px")
-    size = config.body_part_input_size
-    if not size or size == x.shape[-1]:
+    if not config.body_part_resized:
         return x
+    size = config.body_part_input_size
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
@@ -81,9 +81,7 @@ def answer_from(
     body part's own letterbox, for a pair that reads it (see :func:`body_part_view`).
     """
     view = body_part_view(config, x, letterboxed) if body_part else x
-    # a pair's body part always comes from its body-part network's own pass (its forward pass leaves it out), and
-    # so does one read from equalised images alone
-    own_pass = body_part and (view is not x or config.separate_body_part_network or config.body_part_equalized_input)
+    own_pass = body_part and config.body_part_own_pass
     with torch.no_grad():
         mirror = config.test_time_flip and (abnormality or (body_part and not own_pass))
         mirrored = model(x.flip(-1)) if mirror else None

@@ -220,7 +220,7 @@ def inference_story(config: ModelConfig) -> str:
     if with_flip is not None:
         story += f"; the holdout chose this (study AUROC {with_flip:.3f} with the flip, {without_flip:.3f} without)"
     by_size = config.training.get("holdout_body_part_accuracy_by_size")
-    if config.body_part_input_size and config.body_part_input_size != config.body_part_image_size:
+    if config.body_part_resized:
         story += (
             f". The body part is read from the image resized to {config.body_part_input_size} px (same network, "
             "its body-part logits only)"
