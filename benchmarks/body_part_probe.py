@@ -96,9 +96,9 @@ def main() -> None:
     spec = settings["withhold"]
     splits = load_splits(args.data_root)
     holdout = withhold(splits["holdout"], spec)
-    holdout_images, own_images = model_images(holdout, config)
-    bp, ab = score_images(model, config, holdout_images, own_images)
-    holdout_images = holdout_images if own_images is None else own_images  # the body part's letterboxes from here
+    inputs, own_letterboxes = model_images(holdout, config)
+    bp, ab = score_images(model, config, inputs, own_letterboxes)
+    holdout_letterboxes = inputs if own_letterboxes is None else own_letterboxes  # what the body part is read from
     report = holdout_report(config, holdout, bp, ab)
     out = {
         "holdout_score": report["score"],
@@ -128,7 +128,8 @@ def main() -> None:
             out["inference_prior"][strength] = row
     if args.equalized_view:
         out["equalized_view"] = {}
-        for name, samples, images in (("holdout", holdout, holdout_images), ("withheld", withheld, withheld_images)):
+        read = (("holdout", holdout, holdout_letterboxes), ("withheld", withheld, withheld_images))
+        for name, samples, images in read:
             if not samples:
                 continue
             for view, probs in body_part_views(model, config, images).items():

@@ -21,7 +21,7 @@ import torch
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import load_images, load_splits
+from mura_demo.training.data import load_images, load_splits, model_images
 from mura_demo.training.metrics import binary_metrics
 from mura_demo.training.train import holdout_report, mean_state, part_study_scores
 
@@ -49,12 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     tune_for_batch_work()
 
-    holdout = load_splits(args.data_root)["holdout"]
-    images_at = functools.cache(lambda size: load_images(holdout, size))
+    holdout = tuple(load_splits(args.data_root)["holdout"])  # hashable, so that each size is letterboxed once
+    load = functools.cache(load_images)
 
     def read(model, config):  # the holdout letterboxed as the config reads it (a pair's body part at its own size)
-        own = images_at(config.body_part_image_size) if config.own_body_part_letterbox else None
-        return score_images(model, config, images_at(config.input_size), own)
+        return score_images(model, config, *model_images(holdout, config, load))
 
     loaded = [load_folder(folder) for folder in args.folders]
     rows, outputs = {}, []

@@ -263,16 +263,19 @@ def load_images(samples: list[Sample], size: int) -> torch.Tensor:
     return out
 
 
-def body_part_images(samples: list[Sample], config: ModelConfig) -> torch.Tensor | None:
+def body_part_images(samples: list[Sample], config: ModelConfig, load=load_images) -> torch.Tensor | None:
     """``samples`` letterboxed for the body part where a pair's body-part network reads a size of its own (None:
-    the body part is read from the model inputs)."""
-    return load_images(samples, config.body_part_image_size) if config.own_body_part_letterbox else None
+    the body part is read from the model inputs). ``load``: ``load_images`` or a cached copy of it, where several
+    configs read the same samples."""
+    return load(samples, config.body_part_image_size) if config.own_body_part_letterbox else None
 
 
-def model_images(samples: list[Sample], config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def model_images(
+    samples: list[Sample], config: ModelConfig, load=load_images
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``samples`` letterboxed as ``config``'s model reads them: its inputs, and the body part's own letterboxes
     where it has them (see :func:`body_part_images`); the arguments ``score_images`` takes after the config."""
-    return load_images(samples, config.input_size), body_part_images(samples, config)
+    return load(samples, config.input_size), body_part_images(samples, config, load)
 
 
 def body_part_targets(samples: list[Sample], classes: tuple[str, ...]) -> torch.Tensor:
