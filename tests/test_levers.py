@@ -68,6 +68,22 @@ def test_histogram_matching_and_equalisation():
     assert torch.allclose(equalize(x).flatten(), torch.linspace(0, 1, 100), atol=1e-6)
 
 
+def test_histogram_matching_keeps_one_grey_level_one_level():
+    """A letterboxed 8-bit image matched to another image: each of its levels gets one value of the reference's,
+    its letterbox the reference's darkest, its brightest level the reference's brightest, in the same order."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(2, 1, 64, 64)
+    x[:, :, 16:48, 8:56] = torch.randint(1, 256, (2, 1, 32, 48), generator=g) / 255
+    reference = torch.rand(2, 1, 64, 64, generator=g) * 0.6 + 0.3
+    matched = match_histograms(x, reference)
+    for image, ref, out in zip(x, reference, matched):
+        assert torch.isin(out, ref).all()
+        assert (out[:, :16] == ref.min()).all() and out[image == image.max()].unique().tolist() == [ref.max()]
+        pairs = sorted(set(zip(image.flatten().tolist(), out.flatten().tolist())))
+        assert len({level for level, _ in pairs}) == len(pairs)  # one value per level
+        assert [v for _, v in pairs] == sorted(v for _, v in pairs)  # the order of levels kept
+
+
 def test_equalisation_keeps_one_grey_level_one_level_and_the_letterbox_black():
     """An 8-bit radiograph in its black letterbox: every pixel of a level gets one value (the share of pixels at or
     below it), the letterbox stays 0, the brightest level is 1; a flat image stays flat."""

@@ -55,10 +55,12 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_rotation: float
 
 
 def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Each image of ``x`` given the grey-level distribution of the same row of ``reference``."""
-    flat, ref = x.flatten(1), reference.flatten(1).sort(1).values
-    ranks = flat.argsort(1).argsort(1)
-    return ref.gather(1, ranks).view_as(x)
+    """Each image of ``x`` given the grey-level distribution of the same row of ``reference``: its equalised
+    levels read through the reference's quantiles. Pixels of one level stay one level (a letterbox stays flat and
+    takes the reference's darkest value) instead of being spread into a ramp by their position."""
+    ref = reference.flatten(1).sort(1).values
+    index = (equalize(x).flatten(1) * (ref.shape[1] - 1)).round().long()
+    return ref.gather(1, index).view_as(x)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
