@@ -30,13 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Tests leave nothing behind: every temporary file of the run (and of the apps it starts) lives in a folder of the
+# run's own, removed at exit. gradio_client needs this: each file it downloads passes through a folder of its own
+# in the temporary directory, and the emptied folder stays there.
+RUN_TMP = tempfile.mkdtemp(prefix="mura-tests-")
+atexit.register(shutil.rmtree, RUN_TMP, ignore_errors=True)
+tempfile.tempdir = os.environ["TMPDIR"] = RUN_TMP
 HUB_PORT = free_port()
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mura-hub-cache-")
-atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)  # tests leave nothing behind
 # What gradio_client downloads (overlays, reports) goes to a folder of the run's own, not Gradio's shared one.
 CLIENT_DOWNLOADS = tempfile.mkdtemp(prefix="mura-client-downloads-")
-atexit.register(shutil.rmtree, CLIENT_DOWNLOADS, ignore_errors=True)
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_ETAG_TIMEOUT"] = "3"
 os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = "5"
