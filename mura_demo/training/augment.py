@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..core.preprocess import equalize
-
 
 def uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator) * (hi - lo) + lo
@@ -54,13 +52,21 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_rotation: float
     return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
+def rank_equalize(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel its rank among the image's pixels, in [0, 1], ties broken by the sort's own order: an equalisation
+    that also turns every flat region (the letterbox, a flat background) into bands of many grey levels. A style
+    trait, not ``preprocess.equalize``: it was that function until session 49, and the twins trained since, with the
+    tie-keeping one drawn instead, named far fewer unseen-source elbows (benchmarks/README.md, session 50)."""
+    flat = x.flatten(1)
+    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
+
+
 def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Each image of ``x`` given the grey-level distribution of the same row of ``reference``: its equalised
-    levels read through the reference's quantiles. Pixels of one level stay one level (a letterbox stays flat and
-    takes the reference's darkest value) instead of being spread into a ramp by their position."""
-    ref = reference.flatten(1).sort(1).values
-    index = (equalize(x).flatten(1) * (ref.shape[1] - 1)).round().long()
-    return ref.gather(1, index).view_as(x)
+    """Each image of ``x`` given the grey-level distribution of the same row of ``reference`` (its pixels ranked as
+    by :func:`rank_equalize`, so a flat region takes many of the reference's values)."""
+    flat, ref = x.flatten(1), reference.flatten(1).sort(1).values
+    ranks = flat.argsort(1).argsort(1)
+    return ref.gather(1, ranks).view_as(x)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -136,7 +142,7 @@ def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float) -> to
 
     reference = x[torch.randperm(n, generator=generator)]
     apply(0.3, lambda v, rows: match_histograms(v, reference[rows]))
-    apply(0.15, lambda v, _: equalize(v))
+    apply(0.15, lambda v, _: rank_equalize(v))
     apply(1.0, lambda v, rows: v.pow(torch.exp(per_image(-0.6, 0.6, rows))))
     apply(0.3, lambda v, rows: (lift := per_image(0.0, 0.35, rows)) + (1 - lift) * v)  # a grey film base
     apply(0.2, lambda v, rows: (v - 0.5) * per_image(1.2, 1.6, rows) + 0.5)  # a crisper, harder export
