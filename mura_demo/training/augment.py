@@ -124,9 +124,10 @@ def collimation_frame(n: int, side: int, generator: torch.Generator) -> torch.Te
     return ((u.abs() <= half_w.view(n, 1, 1)) & (v.abs() <= half_h.view(n, 1, 1))).float()[:, None]
 
 
-def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_share: float = 0.15) -> torch.Tensor:
     """Float (N, 1, S, S) in [0, 1] -> the same anatomy in a random mix of looks; each trait is
-    drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is)."""
+    drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is). ``rank_share`` is the rate
+    of :func:`rank_equalize`, the trait that textures flat regions, apart so that it can be screened as a lever."""
     if p <= 0:
         return x
     x = x.clone()
@@ -142,7 +143,7 @@ def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float) -> to
 
     reference = x[torch.randperm(n, generator=generator)]
     apply(0.3, lambda v, rows: match_histograms(v, reference[rows]))
-    apply(0.15, lambda v, _: rank_equalize(v))
+    apply(rank_share, lambda v, _: rank_equalize(v))
     apply(1.0, lambda v, rows: v.pow(torch.exp(per_image(-0.6, 0.6, rows))))
     apply(0.3, lambda v, rows: (lift := per_image(0.0, 0.35, rows)) + (1 - lift) * v)  # a grey film base
     apply(0.2, lambda v, rows: (v - 0.5) * per_image(1.2, 1.6, rows) + 0.5)  # a crisper, harder export

@@ -552,7 +552,8 @@ def train(settings: TrainSettings) -> MuraNet:
             for step in bar:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 if maps is None:
-                    x = randomize_style(augment(data.images[index], aug_gen), aug_gen, settings.style)
+                    x = augment(data.images[index], aug_gen)
+                    x = randomize_style(x, aug_gen, settings.style, settings.rank_share)
                     if config.body_part_equalized_input:
                         x = equalize(x)
                     with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
