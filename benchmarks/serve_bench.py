@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -133,13 +134,24 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 def served(images: list[Path], users: int, per_user: int, sequential: int, weights: str) -> dict:
+    """The app's figures over loopback, with every temporary file (the app's uploads, gradio_client's downloads,
+    each of which leaves an emptied folder of its own in the temporary directory) in one folder removed after."""
+    with tempfile.TemporaryDirectory(prefix="mura-bench-") as tmp:
+        tempfile.tempdir, before = tmp, tempfile.tempdir
+        try:
+            return served_from(tmp, images, users, per_user, sequential, weights)
+        finally:
+            tempfile.tempdir = before
+
+
+def served_from(tmp: str, images: list[Path], users: int, per_user: int, sequential: int, weights: str) -> dict:
     from gradio_client import Client, handle_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "MURA_DEMO_WEIGHTS": weights}  # fmt: skip
+           "MURA_DEMO_WEIGHTS": weights, "TMPDIR": tmp}  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip

@@ -52,21 +52,27 @@ def augment(batch: torch.Tensor, generator: torch.Generator, max_rotation: float
     return ((x - mean) * contrast + mean + brightness).clamp(0, 1)
 
 
+def pixel_ranks(flat: torch.Tensor) -> torch.Tensor:
+    """(N, P) -> each value's place in its row's sort, 0 to P - 1 (ties in the sort's order): the inverse of the sort's
+    permutation, scattered rather than sorted a second time."""
+    order = flat.argsort(1)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order))
+
+
 def rank_equalize(x: torch.Tensor) -> torch.Tensor:
     """Each pixel its rank among the image's pixels, in [0, 1], ties broken by the sort's own order: an equalisation
     that also turns every flat region (the letterbox, a flat background) into bands of many grey levels. A style
     trait, not ``preprocess.equalize``: it was that function until session 49, and the twins trained since, with the
     tie-keeping one drawn instead, named far fewer unseen-source elbows (benchmarks/README.md, session 50)."""
     flat = x.flatten(1)
-    return (flat.argsort(1).argsort(1).float() / (flat.shape[1] - 1)).view_as(x)
+    return (pixel_ranks(flat).float() / (flat.shape[1] - 1)).view_as(x)
 
 
 def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Each image of ``x`` given the grey-level distribution of the same row of ``reference`` (its pixels ranked as
     by :func:`rank_equalize`, so a flat region takes many of the reference's values)."""
-    flat, ref = x.flatten(1), reference.flatten(1).sort(1).values
-    ranks = flat.argsort(1).argsort(1)
-    return ref.gather(1, ranks).view_as(x)
+    ref = reference.flatten(1).sort(1).values
+    return ref.gather(1, pixel_ranks(x.flatten(1))).view_as(x)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
