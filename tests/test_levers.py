@@ -20,6 +20,7 @@ from mura_demo.training.augment import (
     match_histograms,
     mix_feature_styles,
     mixing_feature_styles,
+    pixel_ranks,
     randomize_style,
     rank_equalize,
 )
@@ -78,6 +79,8 @@ def test_the_style_trait_ranks_ties_apart():
     boxed[:, :, 16:48, 8:56] = torch.randint(1, 256, (32, 48), generator=torch.Generator().manual_seed(0)) / 255
     letterbox = rank_equalize(boxed)[:, :, :16]
     assert letterbox.unique().numel() == letterbox.numel() and letterbox.max() - letterbox.min() > 0.3
+    flat = boxed.flatten(1)  # the ranks are the sort's places, ties and all, as a second sort would give them
+    assert torch.equal(pixel_ranks(flat), flat.argsort(1).argsort(1))
 
 
 def test_the_ranking_trait_has_a_rate_of_its_own():
