@@ -130,10 +130,11 @@ def collimation_frame(n: int, side: int, generator: torch.Generator) -> torch.Te
     return ((u.abs() <= half_w.view(n, 1, 1)) & (v.abs() <= half_h.view(n, 1, 1))).float()[:, None]
 
 
-def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_share: float = 0.15) -> torch.Tensor:
+def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_share: float) -> torch.Tensor:
     """Float (N, 1, S, S) in [0, 1] -> the same anatomy in a random mix of looks; each trait is
     drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is). ``rank_share`` is the rate
-    of :func:`rank_equalize`, the trait that textures flat regions, apart so that it can be screened as a lever."""
+    of :func:`rank_equalize`, the trait that textures flat regions, apart so that it can be screened as a lever
+    (``TrainSettings.rank_share`` holds the rate the shipped networks trained with)."""
     if p <= 0:
         return x
     x = x.clone()

@@ -329,10 +329,11 @@ def recipe_story(settings: dict) -> str:
             "equalisation, gamma, grey film base, harder contrast, resolution round trips, blur, tilted collimation "
             "frames, burned-in side markers, noise)"
         )
-        if settings.get("rank_share", 0.15) != 0.15:
+        if settings.get("rank_share", TrainSettings.rank_share) != TrainSettings.rank_share:
             levers.append(
                 "the style randomisation's ranking of pixels (an equalisation that turns the letterbox and other flat "
-                f"regions into bands of many grey levels) drawn for {settings['rank_share']:.0%} of the images, not 15%"
+                f"regions into bands of many grey levels) drawn for {settings['rank_share']:.0%} of the images, not "
+                f"{TrainSettings.rank_share:.0%}"
             )
     if settings.get("group_balance") is not None:
         levers.append(f"draws balanced across source-and-part groups (size to the power {settings['group_balance']})")
