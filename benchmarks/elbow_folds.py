@@ -26,7 +26,7 @@ from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import ELBOW_FOLDS, elbow_fold, is_mura_elbow, load_images, load_splits
 from mura_demo.training.metrics import auroc
-from mura_demo.training.train import mean_state, part_study_scores
+from mura_demo.training.train import averaged_state, part_study_scores
 
 ARMS = ("forearm", "humerus")
 
@@ -42,10 +42,11 @@ def fold_network(item: str):
     """A fold run's network and config, or the uniform weight average of a comma-joined list of one fold's runs."""
     loaded = [load_folder(folder) for folder in item.split(",")]
     model, config = loaded[0]
-    if len({c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}) > 1:
-        raise SystemExit(f"{item}: an average must join runs of one fold")
     if len(loaded) > 1:
-        model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded]))
+        try:
+            model.load_state_dict(averaged_state(loaded))
+        except ValueError as err:
+            raise SystemExit(f"{item}: {err}") from None
     return model, config
 
 

@@ -51,6 +51,12 @@ def doctored_app(tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def forearm_app(doctored_app):
+    """An app whose head calls every image forearm, on weights that ask the user to confirm a detected part."""
+    return doctored_app("forearm", body_part_confirmation=True, body_part_confirmation_reason="named 40% right")
+
+
 def test_public_api_is_the_four_documented_endpoints(app):
     """The UI's own events stay private: a client sees exactly the documented endpoints."""
     client = app[0]
@@ -72,12 +78,12 @@ def test_predict_answers_every_field(app, images):
     assert 0 <= p <= 1 and 0 < t < 1 and forced["verdict"] == ("abnormal" if p >= t else "normal")
 
 
-def test_a_part_without_training_data_is_not_validated(app, doctored_app, images):
+def test_a_part_without_training_data_is_not_validated(app, forearm_app, images):
     """Never validated, whatever the network makes of the drawing; the note says why on weights that read it as an
     arm part (on an image read as *other*, that reason comes first)."""
     bundled = call(app[0], images["a"], "wrist", api_name="/predict")
     assert bundled["body_part"] == "wrist" and bundled["validated"] is False and bundled["note"]
-    result = call(doctored_app("forearm"), images["a"], "wrist", api_name="/predict")
+    result = call(forearm_app, images["a"], "wrist", api_name="/predict")
     assert result["body_part"] == "wrist" and result["validated"] is False
     assert "not validated for wrist" in result["note"]
 
@@ -220,9 +226,9 @@ def test_concurrent_identical_uploads_all_succeed(app, images):
     assert errors == []
 
 
-def test_honesty_when_detection_alone_is_not_trusted(doctored_app, images):
+def test_honesty_when_detection_alone_is_not_trusted(forearm_app, images):
     """Weights that ask for confirmation: a detected part is never validated until the user names it."""
-    client = doctored_app("forearm", body_part_confirmation=True, body_part_confirmation_reason="named 40% right")
+    client = forearm_app
     detected = call(client, images["a"], "auto", api_name="/predict")
     assert detected["body_part"] == "forearm" and detected["body_part_status"] == "needs confirmation"
     assert detected["validated"] is False and "Confirm the body part (choose forearm)" in detected["note"]

@@ -629,6 +629,27 @@ def mean_state(states: list[dict[str, torch.Tensor]], shares: list[float] | None
             else v for k, v in states[0].items()}  # fmt: skip
 
 
+AVERAGED_READING = ("architecture", "input_size", "body_part_equalized_input")  # what averaged runs must share
+
+
+def averaged_state(loaded: list[tuple[torch.nn.Module, ModelConfig]], shares: list[float] | None = None) -> dict:
+    """The mean of the loaded runs' weights (see ``mean_state``), once they are known to be runs an average can
+    join: single networks that read the image alike, withheld the same part and trained for the same elbow fold."""
+    first = loaded[0][1]
+    withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
+    folds = {c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}
+    if any(c.separate_body_part_network for _, c in loaded):
+        raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
+    if len(withheld) > 1 or any(getattr(c, k) != getattr(first, k) for _, c in loaded for k in AVERAGED_READING):
+        raise ValueError(
+            "only runs of one architecture, input size and withheld part, all with or all without equalised inputs, "
+            "can be averaged"
+        )
+    if len(folds) > 1:  # a run of another fold trained on this fold's elbows: the average could not read them fresh
+        raise ValueError(f"only runs of one elbow fold can be averaged (these have {sorted(folds, key=str)})")
+    return mean_state([m.state_dict() for m, _ in loaded], shares)
+
+
 def average_runs(folders: list[str], settings: TrainSettings, shares: list[float] | None = None) -> ModelConfig:
     """One network from the average of the weights of runs fine-tuned from the same ImageNet start (uniform, or
     weighted by ``shares``): a weight-space ensemble that keeps some of what each run learnt for the cost of one
@@ -640,24 +661,12 @@ def average_runs(folders: list[str], settings: TrainSettings, shares: list[float
     shares = normalized_shares(shares, len(folders))
     loaded = [load_folder(folder) for folder in folders]
     first = loaded[0][1]
-    withheld = {c.training.get("settings", {}).get("withhold") for _, c in loaded}
-    folds = {c.training.get("settings", {}).get("elbow_fold") for _, c in loaded}
-    if any(c.separate_body_part_network for _, c in loaded):
-        raise ValueError("only single networks can be averaged: average the body-part networks, then pair them")
-    reading = ("architecture", "input_size", "body_part_equalized_input")
-    if len(withheld) > 1 or any(getattr(c, k) != getattr(first, k) for _, c in loaded for k in reading):
-        raise ValueError(
-            "only runs of one architecture, input size and withheld part, all with or all without equalised inputs, "
-            "can be averaged"
-        )
-    if len(folds) > 1:  # a run of another fold trained on this fold's elbows: the average could not read them fresh
-        raise ValueError(f"only runs of one elbow fold can be averaged (these have {sorted(folds, key=str)})")
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     base = TrainSettings(**{k: v for k, v in first.training.get("settings", {}).items() if k in known})
     settings = dataclasses.replace(base, **{name: getattr(settings, name) for name in JOINING_SETTINGS})
-    config = ModelConfig(**{k: getattr(first, k) for k in reading}, version=settings.version)
+    config = ModelConfig(**{k: getattr(first, k) for k in AVERAGED_READING}, version=settings.version)
     model = create_model(config)
-    model.load_state_dict(mean_state([m.state_dict() for m, _ in loaded], shares))
+    model.load_state_dict(averaged_state(loaded, shares))
     runs = [
         {"folder": str(f), "version": c.version, "best_epoch": c.training.get("best_epoch"), "share": w,
          "seconds": c.training.get("seconds", 0.0), "settings": c.training.get("settings", {})}
