@@ -228,14 +228,13 @@ def test_concurrent_identical_uploads_all_succeed(app, images):
 
 def test_honesty_when_detection_alone_is_not_trusted(forearm_app, images):
     """Weights that ask for confirmation: a detected part is never validated until the user names it."""
-    client = forearm_app
-    detected = call(client, images["a"], "auto", api_name="/predict")
+    detected = call(forearm_app, images["a"], "auto", api_name="/predict")
     assert detected["body_part"] == "forearm" and detected["body_part_status"] == "needs confirmation"
     assert detected["validated"] is False and "Confirm the body part (choose forearm)" in detected["note"]
     assert "named 40% right" in detected["note"]
-    confirmed = call(client, images["a"], "forearm", api_name="/predict")
+    confirmed = call(forearm_app, images["a"], "forearm", api_name="/predict")
     assert confirmed["validated"] is True and confirmed["note"] == ""
-    study = study_call(client, [images["a"], images["b"]], "auto")["study"]
+    study = study_call(forearm_app, [images["a"], images["b"]], "auto")["study"]
     assert study["body_part_status"] == "needs confirmation" and study["validated"] is False
 
 
