@@ -307,7 +307,12 @@ def test_leave_one_source_out_figures_carry_over_only_to_the_same_body_part_read
     assert config.body_part_confirmation == bundled.body_part_confirmation
     assert config.metrics["leave_one_source_out"]["carried_from"] == gate["carried_from"]
     assert f"names **{recorded['test']['accuracy']:.1%}** of the {recorded['test']['images']} images" in card
-    assert "carried over from version" in card and f"--loso-from {BUNDLED} --card" in card
+    assert "carried over from version" in card
+    # the card's command measures the figures again from the withheld run's folder where the record names it (figures
+    # measured for this version), and carries them from the bundled folder where it does not (an older carried record)
+    twin = recorded.get("training", {}).get("settings", {}).get("export_dir")
+    assert (f"--loso-weights {twin} --card" if twin else f"--loso-from {BUNDLED} --card") in card
+    assert ("How it was made. " in card) == bool(twin)  # the withheld run's commands, or where they are told
     # carried on again, the figures still name the version they were measured for
     measured_in = gate["carried_from"]["measured_in"]
     assert carried_gate(str(weights), load_model(str(weights)))["carried_from"]["measured_in"] == measured_in
@@ -318,9 +323,10 @@ def test_leave_one_source_out_figures_carry_over_only_to_the_same_body_part_read
 
     other_body_part = doctored_weights(tmp_path / "elbow", "elbow")
     refused(other_body_part, BUNDLED, r"reads the body part differently \(the body-part network's tensors\)")
-    equalized = shutil.copytree(BUNDLED, tmp_path / "equalized")
-    (equalized / "config.json").write_text(json.dumps(bundled.to_dict() | {"body_part_equalized_view": True}))
-    refused(equalized, BUNDLED, r"differently \(body_part_equalized_view\)")
+    other_view = shutil.copytree(BUNDLED, tmp_path / "other_view")
+    flipped = {"body_part_equalized_view": not bundled.body_part_equalized_view}
+    (other_view / "config.json").write_text(json.dumps(bundled.to_dict() | flipped))
+    refused(other_view, BUNDLED, r"differently \(body_part_equalized_view\)")
     body, _ = bundled_networks(tmp_path / "nets")  # a network split off a pair has no figures of its own
     refused(BUNDLED, body, "has no leave-one-source-out figures to carry over")
     with pytest.raises(ValueError, match="give one"):
