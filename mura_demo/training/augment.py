@@ -134,7 +134,7 @@ def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_
     """Float (N, 1, S, S) in [0, 1] -> the same anatomy in a random mix of looks; each trait is
     drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is). ``rank_share`` is the rate
     of :func:`rank_equalize`, the trait that textures flat regions, apart so that it can be screened as a lever
-    (``TrainSettings.rank_share`` holds the rate of the recipe before 3.3.0, whose body-part runs drew it at 0.45)."""
+    (``TrainSettings.rank_share`` holds the recipe's rate before 3.3.0; 3.3.0's body-part runs drew it at 0.45)."""
     if p <= 0:
         return x
     x = x.clone()
