@@ -18,6 +18,7 @@ from mura_demo.core.preprocess import equalize, letterbox
 from mura_demo.training.augment import (
     augment,
     match_histograms,
+    mix_amplitudes,
     mix_feature_styles,
     mixing_feature_styles,
     pixel_ranks,
@@ -104,6 +105,36 @@ def test_the_ranking_trait_has_a_rate_of_its_own():
     assert "ranking of pixels" not in recipe_story({"style": 1.0})
     with pytest.raises(ValueError, match="--rank-share is the rate of one style trait"):
         TrainSettings(rank_share=1.5)
+
+
+def test_the_amplitude_mix_moves_the_spectrum_and_keeps_the_phase():
+    """``mix_amplitudes`` at weight 0 gives the image back, at weight 1 the reference's amplitude spectrum under the
+    image's phase (where its edges are); ``--amplitude-share`` draws it for its share of images, at 0 not at all."""
+    g = torch.Generator().manual_seed(0)
+    x, reference = torch.rand(2, 1, 32, 32, generator=g), torch.rand(2, 1, 32, 32, generator=g)
+    weight = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    mixed = mix_amplitudes(x, reference, weight)
+    assert torch.allclose(mixed[0], x[0], atol=1e-5)
+    spectrum, own, other = torch.fft.rfft2(mixed[1]), torch.fft.rfft2(x[1]), torch.fft.rfft2(reference[1])
+    assert torch.allclose(spectrum.abs(), other.abs(), atol=1e-3)
+    assert torch.allclose(torch.polar(torch.ones_like(own.abs()), spectrum.angle()), own / own.abs(), atol=1e-3)
+    assert not torch.allclose(mixed[1], x[1], atol=0.05)
+
+    boxed = (torch.rand(16, 1, 64, 64, generator=g) * 255).to(torch.uint8)
+    y = augment(boxed, torch.Generator().manual_seed(1))
+
+    def styled(amplitude_share, p=1.0):
+        return randomize_style(y, torch.Generator().manual_seed(2), p, TrainSettings.rank_share, amplitude_share)
+
+    assert TrainSettings.amplitude_share == 0.0
+    assert torch.equal(styled(0.0), randomize_style(y, torch.Generator().manual_seed(2), 1.0, TrainSettings.rank_share))
+    assert not torch.allclose(styled(1.0), styled(0.0))
+    assert torch.equal(styled(1.0, p=0.0), y)
+    assert "Fourier amplitude mix" in recipe_story({"style": 1.0, "amplitude_share": 0.3})
+    assert "drawn for 30% of the images" in recipe_story({"style": 1.0, "amplitude_share": 0.3})
+    assert "Fourier" not in recipe_story({"style": 1.0})
+    with pytest.raises(ValueError, match="--amplitude-share is the rate of one style trait"):
+        TrainSettings(amplitude_share=-0.1)
 
 
 def test_equalisation_keeps_one_grey_level_one_level_and_the_letterbox_black():

@@ -129,8 +129,8 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     time budget stops it after its first epoch, and the best epoch so far is still exported. Trained for the body
     part alone, its epochs are chosen by body part, it gets no abnormality thresholds, and it is refused for
     serving but read where only the body part is. Its *other* logit is shifted as its holdout chose."""
-    settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, group_balance=0.5, crop_share=0.2,
-                              withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0,
+    settings = smoke_settings(tmp_path, imagenet_init, limit=64, style=1.0, amplitude_share=0.5, group_balance=0.5,
+                              crop_share=0.2, withhold="mura:elbow", source_mask=True, epochs=3, time_budget=0.0,
                               body_part_only=True, view_choice="images", other_shift=True)  # fmt: skip
     train(settings)
     config = json.loads((tmp_path / "weights" / "config.json").read_text())
@@ -152,6 +152,7 @@ def test_the_body_part_levers_train(tmp_path, imagenet_init):
     assert "chosen by the holdout images named right" in inference_story(ModelConfig.load(tmp_path / "weights"))
     used = config["training"]["settings"]
     assert (used["style"], used["group_balance"], used["crop_share"], used["withhold"]) == (1.0, 0.5, 0.2, "mura:elbow")
+    assert used["amplitude_share"] == 0.5
     assert used["source_mask"] is True and used["body_part_only"] is True and config["training"]["epochs_run"] == 1
     assert not any(g.startswith("mura/elbow") for g in config["metrics"]["holdout"]["body_part_by_group"])
     (row,) = json.loads((tmp_path / "run" / "checkpoint.json").read_text())["history"]

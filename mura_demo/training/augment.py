@@ -75,6 +75,15 @@ def match_histograms(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return ref.gather(1, pixel_ranks(x.flatten(1))).view_as(x)
 
 
+def mix_amplitudes(x: torch.Tensor, reference: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each image's Fourier amplitude spectrum mixed with ``weight`` (per image, 0 to 1) of the same row of
+    ``reference``'s, its phase kept (the amplitude mix of Xu et al., CVPR 2021). The phase carries where edges and
+    shapes are, the amplitude how sharp, noisy and contrasty the film is, so the anatomy stays and the look moves."""
+    own, other = torch.fft.rfft2(x), torch.fft.rfft2(reference)
+    amplitude = (1 - weight) * own.abs() + weight * other.abs()
+    return torch.fft.irfft2(torch.polar(amplitude, own.angle()), s=x.shape[-2:])
+
+
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = max(1, math.ceil(2 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
@@ -130,11 +139,16 @@ def collimation_frame(n: int, side: int, generator: torch.Generator) -> torch.Te
     return ((u.abs() <= half_w.view(n, 1, 1)) & (v.abs() <= half_h.view(n, 1, 1))).float()[:, None]
 
 
-def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_share: float) -> torch.Tensor:
+def randomize_style(
+    x: torch.Tensor, generator: torch.Generator, p: float, rank_share: float, amplitude_share: float = 0.0
+) -> torch.Tensor:
     """Float (N, 1, S, S) in [0, 1] -> the same anatomy in a random mix of looks; each trait is
     drawn for each image with a probability scaled by ``p`` (0 leaves the batch as it is). ``rank_share`` is the rate
     of :func:`rank_equalize`, the trait that textures flat regions, apart so that it can be screened as a lever
-    (``TrainSettings.rank_share`` holds the recipe's rate before 3.3.0; 3.3.0's body-part runs drew it at 0.45)."""
+    (``TrainSettings.rank_share`` holds the recipe's rate before 3.3.0; 3.3.0's body-part runs drew it at 0.45).
+    ``amplitude_share`` is the rate of :func:`mix_amplitudes` with another image of the batch, up to half of its
+    spectrum (beyond, the other image's shapes show through); at 0 nothing is drawn for it, so the runs before it
+    draw exactly as they did."""
     if p <= 0:
         return x
     x = x.clone()
@@ -151,6 +165,8 @@ def randomize_style(x: torch.Tensor, generator: torch.Generator, p: float, rank_
     reference = x[torch.randperm(n, generator=generator)]
     apply(0.3, lambda v, rows: match_histograms(v, reference[rows]))
     apply(rank_share, lambda v, _: rank_equalize(v))
+    if amplitude_share:
+        apply(amplitude_share, lambda v, rows: mix_amplitudes(v, reference[rows], per_image(0.0, 0.5, rows)))
     apply(1.0, lambda v, rows: v.pow(torch.exp(per_image(-0.6, 0.6, rows))))
     apply(0.3, lambda v, rows: (lift := per_image(0.0, 0.35, rows)) + (1 - lift) * v)  # a grey film base
     apply(0.2, lambda v, rows: (v - 0.5) * per_image(1.2, 1.6, rows) + 0.5)  # a crisper, harder export

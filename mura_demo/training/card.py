@@ -335,6 +335,11 @@ def recipe_story(settings: dict) -> str:
                 f"regions into bands of many grey levels) drawn for {settings['rank_share']:.0%} of the images, not "
                 f"{TrainSettings.rank_share:.0%}"
             )
+        if settings.get("amplitude_share"):
+            levers.append(
+                "the style randomisation's Fourier amplitude mix (each image's amplitude spectrum mixed with a random "
+                f"share of another image's, its phase kept) drawn for {settings['amplitude_share']:.0%} of the images"
+            )
     if settings.get("group_balance") is not None:
         levers.append(f"draws balanced across source-and-part groups (size to the power {settings['group_balance']})")
     if settings.get("region_balance"):

@@ -43,6 +43,7 @@ class TrainSettings:
     elbow_fold: int | None = None  # 1..5: that patient fold of the non-test MURA elbows is the elbow holdout
     style: float = 0.0  # strength of cross-source style randomisation (0: off, 1: every trait at its rate)
     rank_share: float = 0.15  # with style: the rate of the ranking trait (augment.rank_equalize), scaled by style
+    amplitude_share: float = 0.0  # with style: the rate of the Fourier amplitude mix (augment.mix_amplitudes)
     group_balance: float | None = None  # draw each source-and-part group by size**this (None: plain shuffle)
     region_balance: bool = False  # with group_balance: a group's draws spread over its regions (non-arm) the same way
     crop_share: float = 0.0  # share of draws from MURA end crops (elbow/wrist/shoulder candidates)
@@ -87,8 +88,10 @@ class TrainSettings:
         if self.cached_maps and (self.style or self.mix_styles or self.equalized_inputs):
             raise ValueError("--cached-maps trains on maps made once from the unaltered images (and their mirrors): "
                              "--style, --mix-styles and --equalized-inputs need the images of every step")  # fmt: skip
-        if not 0 <= self.rank_share <= 1:
-            raise ValueError("--rank-share is the rate of one style trait, the share of images it is drawn for: 0 to 1")
+        for name in ("rank_share", "amplitude_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} is the rate of one style trait, the share of images it is drawn for: 0 to 1")
         if not 0 <= self.mix_styles <= 1:
             raise ValueError("--mix-styles is the share of images whose feature statistics are mixed: from 0 to 1")
 

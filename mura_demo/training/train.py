@@ -553,7 +553,7 @@ def train(settings: TrainSettings) -> MuraNet:
                 index = order[step * settings.batch_size : (step + 1) * settings.batch_size]
                 if maps is None:
                     x = augment(data.images[index], aug_gen)
-                    x = randomize_style(x, aug_gen, settings.style, settings.rank_share)
+                    x = randomize_style(x, aug_gen, settings.style, settings.rank_share, settings.amplitude_share)
                     if config.body_part_equalized_input:
                         x = equalize(x)
                     with mixing_feature_styles(mixed_blocks, aug_gen, settings.mix_styles):
