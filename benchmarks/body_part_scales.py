@@ -74,7 +74,6 @@ def main() -> None:
     args = parser.parse_args()
     tune_for_batch_work()
     splits = load_splits(args.data_root)
-    report = {}
     for folder in args.folders:
         model, config = load_folder(folder)
         if args.equalized_view:
@@ -95,7 +94,6 @@ def main() -> None:
             for name, probs in combined(scale_logits(model, config, images)).items():
                 named = withheld_report(config, withheld, probs.numpy())
                 row[name][f"withheld_{spec}_outside_its_test_share"] = {k: named[k] for k in ("accuracy", "called")}
-        report[folder] = row
         print(json.dumps({folder: row}, indent=1), flush=True)
 
 
