@@ -7,7 +7,13 @@ from the image letterboxed at the served size and at each ``--sizes`` (the body 
 letterbox at the size it was trained at, the way a pair of two sizes reads it), and prints the training holdout's
 study AUROC and kappa at the folder's thresholds per part. No test image is read.
 
+``--study-rules`` also joins each study's views other ways than the served mean of their probabilities (the MURA
+paper's rule): the mean of their logits, the most abnormal view, and the mean of those two; a fracture often shows on
+one view of a study, and a rule that weighs that view more may rank studies better. Printed as each rule's study
+AUROC per part (kappa only for the served mean, whose thresholds the folder holds).
+
     python -m benchmarks.abnormality_scales weights --sizes 288 320
+    python -m benchmarks.abnormality_scales weights --sizes --study-rules
 """
 
 from __future__ import annotations
@@ -15,16 +21,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections import defaultdict
 
 import numpy as np
+import torch
 
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import load_splits, model_images
+from mura_demo.training.data import abnormality_rows, load_splits, model_images
 from mura_demo.training.evaluate import body_part_by_group
 from mura_demo.training.metrics import auroc, cohen_kappa
 from mura_demo.training.train import part_study_scores
+
+STUDY_RULES = {  # "mean" again through ``joined``: it must read the served study AUROC
+    "mean": lambda p: p.mean(),
+    "logit_mean": lambda p: torch.logit(p, eps=1e-6).mean(),
+    "max": lambda p: p.max(),
+    "mean_max": lambda p: (p.mean() + p.max()) / 2,
+}
+
+
+def joined(samples, idx: list[int], probs: torch.Tensor, rule) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) per study of the images ``idx``, each study's view probabilities joined by ``rule``."""
+    views: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        views[samples[i].study].append(i)
+    studies = sorted(views)
+    labels = np.array([samples[views[st][0]].abnormal for st in studies])
+    return labels, np.array([float(rule(probs[views[st]])) for st in studies])
 
 
 def read_at(config, size: int):
@@ -35,7 +60,8 @@ def read_at(config, size: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", help="weights folders (pairs)")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[288, 320])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[288, 320], help="beside the served size")
+    parser.add_argument("--study-rules", action="store_true", help="join each study's views other ways too")
     parser.add_argument("--data-root", default="../shared/data")
     args = parser.parse_args()
     tune_for_batch_work()
@@ -58,6 +84,15 @@ def main() -> None:
                 "mean_auroc": round(float(np.mean([auroc(y, p) for _, y, p in parts.values()])), 4),
                 "holdout_body_parts_right": round(sum(g["accuracy"] * g["images"] for g in groups.values())),
             }
+            if args.study_rules:
+                rows = abnormality_rows(holdout, config.body_parts)
+                for name, rule in STUDY_RULES.items():
+                    aurocs = {
+                        part: auroc(*joined(holdout, idx, ab_prob[:, config.body_parts.index(part)], rule))
+                        for part, idx in rows.items()
+                    }
+                    figures[name] = {"study_auroc": {k: round(v, 4) for k, v in aurocs.items()},
+                                     "mean_auroc": round(float(np.mean(list(aurocs.values()))), 4)}  # fmt: skip
             print(json.dumps({folder: {size: figures}}), flush=True)
 
 

@@ -18,9 +18,8 @@ import dataclasses
 import json
 
 import torch
-import torch.nn.functional as F
 
-from mura_demo.core.inference import batched, body_part_logits, body_part_view, eval_mode
+from mura_demo.core.inference import batched, body_part_logits, body_part_view, eval_mode, resized
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
 from mura_demo.training.data import is_withheld, load_images, load_splits, withhold
@@ -38,15 +37,11 @@ COMBINATIONS = {
 }
 
 
-def rescaled(view: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
 def zoomed(view: torch.Tensor, share: float) -> torch.Tensor:
     """The centre ``share`` of each side, resized back to the view's size."""
     side = view.shape[-1]
     cut = round(side * (1 - share) / 2)
-    return rescaled(view[..., cut : side - cut, cut : side - cut], side)
+    return resized(view[..., cut : side - cut, cut : side - cut], side)
 
 
 @torch.inference_mode()
@@ -56,7 +51,7 @@ def scale_logits(model, config, images: torch.Tensor, batch_size: int = 32) -> d
     with eval_mode(model):
         for x in batched(images, config, next(model.parameters()).device, batch_size):
             view = body_part_view(config, x, x)  # x is the body part's letterbox
-            views = {"served": view, "zoom": zoomed(view, ZOOM)} | {str(s): rescaled(view, s) for s in SIZES}
+            views = {"served": view, "zoom": zoomed(view, ZOOM)} | {str(s): resized(view, s) for s in SIZES}
             for name, v in views.items():
                 out.setdefault(name, []).append(body_part_logits(model, config, v).float().cpu())
     return {name: torch.cat(chunks) for name, chunks in out.items()}

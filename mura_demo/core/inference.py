@@ -49,6 +49,11 @@ def body_part_logits(model: torch.nn.Module, config: ModelConfig, view: torch.Te
     return logits
 
 
+def resized(view: torch.Tensor, size: int) -> torch.Tensor:
+    """``view`` resized to ``size`` px square (antialiased, so that a coarser view averages rather than skips)."""
+    return F.interpolate(view, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def body_part_view(config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tensor | None = None) -> torch.Tensor:
     """The view the body part is read from: the image letterboxed for the body part (the model input ``x``, or
     ``letterboxed`` where a pair's body-part network reads a size of its own), resized to the config's
@@ -59,8 +64,7 @@ def body_part_view(config: ModelConfig, x: torch.Tensor, letterboxed: torch.Tens
         raise ValueError(f"the body part is read from the image letterboxed at {config.body_part_image_size} px")
     if not config.body_part_resized:
         return x
-    size = config.body_part_input_size
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized(x, config.body_part_input_size)
 
 
 def answer_from(
