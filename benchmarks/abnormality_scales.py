@@ -52,6 +52,14 @@ def joined(samples, idx: list[int], probs: torch.Tensor, rule) -> tuple[np.ndarr
     return labels, np.array([float(rule(probs[views[st]])) for st in studies])
 
 
+def auroc_figures(aurocs: dict[str, float]) -> dict:
+    """Each part's study AUROC and their mean, the screen's measure."""
+    return {
+        "study_auroc": {k: round(v, 4) for k, v in aurocs.items()},
+        "mean_auroc": round(float(np.mean(list(aurocs.values()))), 4),
+    }
+
+
 def read_at(config, size: int):
     """``config`` reading the abnormality from a ``size`` px letterbox, the body part from its own as before."""
     return dataclasses.replace(config, input_size=size, body_part_letterbox_size=config.body_part_image_size)
@@ -74,25 +82,21 @@ def main() -> None:
             bp_prob, ab_prob = score_images(model, config, *model_images(holdout, config))
             groups = body_part_by_group(config, holdout, bp_prob)
             parts = part_study_scores(config, holdout, ab_prob)
-            figures = {
-                "study_auroc": {part: round(auroc(y, p), 4) for part, (_, y, p) in parts.items()},
+            figures = auroc_figures({part: auroc(y, p) for part, (_, y, p) in parts.items()}) | {
                 "study_kappa": {
                     part: round(cohen_kappa(y, (np.asarray(p) >= config.thresholds[part]).astype(int)), 4)
                     for part, (_, y, p) in parts.items()
                 },
                 "studies": {part: len(y) for part, (_, y, _) in parts.items()},
-                "mean_auroc": round(float(np.mean([auroc(y, p) for _, y, p in parts.values()])), 4),
                 "holdout_body_parts_right": round(sum(g["accuracy"] * g["images"] for g in groups.values())),
             }
             if args.study_rules:
                 rows = abnormality_rows(holdout, config.body_parts)
                 for name, rule in STUDY_RULES.items():
-                    aurocs = {
+                    figures[name] = auroc_figures({
                         part: auroc(*joined(holdout, idx, ab_prob[:, config.body_parts.index(part)], rule))
                         for part, idx in rows.items()
-                    }
-                    figures[name] = {"study_auroc": {k: round(v, 4) for k, v in aurocs.items()},
-                                     "mean_auroc": round(float(np.mean(list(aurocs.values()))), 4)}  # fmt: skip
+                    })  # fmt: skip
             print(json.dumps({folder: {size: figures}}), flush=True)
 
 
