@@ -21,35 +21,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections import defaultdict
 
 import numpy as np
-import torch
 
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
 from mura_demo.core.weights import load_folder
-from mura_demo.training.data import abnormality_rows, load_splits, model_images
+from mura_demo.training.data import load_splits, model_images
 from mura_demo.training.evaluate import body_part_by_group
 from mura_demo.training.metrics import auroc, cohen_kappa
 from mura_demo.training.train import part_study_scores
 
-STUDY_RULES = {  # "mean" again through ``joined``: it must read the served study AUROC
-    "mean": lambda p: p.mean(),
-    "logit_mean": lambda p: torch.logit(p, eps=1e-6).mean(),
-    "max": lambda p: p.max(),
-    "mean_max": lambda p: (p.mean() + p.max()) / 2,
+STUDY_RULES = {  # beside the served mean of the views' probabilities (metrics.study_scores)
+    "logit_mean": lambda p: np.mean(np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))),
+    "max": np.max,
+    "mean_max": lambda p: (np.mean(p) + np.max(p)) / 2,
 }
-
-
-def joined(samples, idx: list[int], probs: torch.Tensor, rule) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, scores) per study of the images ``idx``, each study's view probabilities joined by ``rule``."""
-    views: dict[str, list[int]] = defaultdict(list)
-    for i in idx:
-        views[samples[i].study].append(i)
-    studies = sorted(views)
-    labels = np.array([samples[views[st][0]].abnormal for st in studies])
-    return labels, np.array([float(rule(probs[views[st]])) for st in studies])
 
 
 def auroc_figures(aurocs: dict[str, float]) -> dict:
@@ -91,12 +78,9 @@ def main() -> None:
                 "holdout_body_parts_right": round(sum(g["accuracy"] * g["images"] for g in groups.values())),
             }
             if args.study_rules:
-                rows = abnormality_rows(holdout, config.body_parts)
                 for name, rule in STUDY_RULES.items():
-                    figures[name] = auroc_figures({
-                        part: auroc(*joined(holdout, idx, ab_prob[:, config.body_parts.index(part)], rule))
-                        for part, idx in rows.items()
-                    })  # fmt: skip
+                    joined = part_study_scores(config, holdout, ab_prob, join=rule)
+                    figures[name] = auroc_figures({part: auroc(y, p) for part, (_, y, p) in joined.items()})
             print(json.dumps({folder: {size: figures}}), flush=True)
 
 

@@ -66,15 +66,16 @@ def binary_metrics(labels, scores, threshold: float) -> dict[str, float]:
     }
 
 
-def study_scores(studies, labels, scores) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Mean of each study's view probabilities, as in the MURA paper."""
+def study_scores(studies, labels, scores, join=np.mean) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Each study's view probabilities joined into one score: their mean, as in the MURA paper, unless ``join``
+    says otherwise (benchmarks.abnormality_scales screens other joins)."""
     grouped: dict[str, list[float]] = defaultdict(list)
     label_of = {}
     for st, y, s in zip(studies, labels, scores):
         grouped[st].append(float(s))
         label_of[st] = int(y)
     keys = sorted(grouped)
-    return keys, np.array([label_of[k] for k in keys]), np.array([np.mean(grouped[k]) for k in keys])
+    return keys, np.array([label_of[k] for k in keys]), np.array([join(grouped[k]) for k in keys])
 
 
 def best_kappa_threshold(labels, scores) -> float:

@@ -252,13 +252,14 @@ def source_log_priors(
     return out
 
 
-def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor) -> dict:
-    """Per body part with abnormality labels: study-level (studies, labels, mean probabilities) of its logit."""
+def part_study_scores(config: ModelConfig, samples: list[Sample], ab_prob: torch.Tensor, join=np.mean) -> dict:
+    """Per body part with abnormality labels: study-level (studies, labels, joined probabilities) of its logit
+    (``join``: see :func:`study_scores`)."""
     out = {}
     for part, idx in abnormality_rows(samples, config.body_parts).items():
         col = config.body_parts.index(part)
         studies, labels = [samples[i].study for i in idx], [samples[i].abnormal for i in idx]
-        out[part] = study_scores(studies, labels, ab_prob[idx, col])
+        out[part] = study_scores(studies, labels, ab_prob[idx, col], join)
     return out
 
 
