@@ -184,7 +184,7 @@ def averaged_story(training: dict) -> str:
 def threshold_story(config: ModelConfig) -> str:
     """How the thresholds were set, with the held-out kappas of the two rules on the training holdout."""
     rules = config.training.get("threshold_rules", {})
-    if config.training.get("threshold_rule") == "fixed_0.5":
+    if rules and all(r["rule"] == "fixed_0.5" for r in rules.values()):
         kappas = "; ".join(
             f"{part} {r['held_out_kappa']['fixed_0.5']:.3f} at 0.5, {r['held_out_kappa']['max_kappa']:.3f} at the "
             "kappa-maximising cut"

@@ -816,7 +816,6 @@ def finalize(settings, model, best_path, holdout, holdout_images, losses, meta) 
         "holdout_score_without_flip": scores[False][0],
         "holdout_score_with_flip": scores[True][0],
         **body_part.get("training", {}),
-        "threshold_rule": "fixed_0.5",
         "threshold_rules": threshold_rules,
         "epochs_run": len(meta["history"]),
         "seconds": float(sum(r["seconds"] for r in meta["history"])),
