@@ -23,6 +23,7 @@ import dataclasses
 import json
 
 import numpy as np
+import torch
 
 from mura_demo.core.inference import score_images
 from mura_demo.core.malloc import tune_for_batch_work
@@ -33,7 +34,7 @@ from mura_demo.training.metrics import auroc, cohen_kappa
 from mura_demo.training.train import part_study_scores
 
 STUDY_RULES = {  # beside the served mean of the views' probabilities (metrics.study_scores)
-    "logit_mean": lambda p: np.mean(np.log(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)))),
+    "logit_mean": lambda p: float(torch.logit(torch.tensor(p), eps=1e-6).mean()),
     "max": np.max,
     "mean_max": lambda p: (np.mean(p) + np.max(p)) / 2,
 }
